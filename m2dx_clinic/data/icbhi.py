@@ -1,0 +1,278 @@
+"""ICBHI 2017: cycle annotations, the official per-file split, and 8-second cycle preparation (spec §7).
+
+The official split is per recording, not per patient, so two patients (156, 218) sit on both sides;
+it is kept as published (for comparable scores) and the overlap is reported as a warning.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ..audio import AUDIO_SUFFIXES, load_audio
+from ..errors import ConfigError, DataError
+from .tasks import LabelledItem, TaskData, carve_validation, check_leakage
+
+CLASSES = ["normal", "crackle", "wheeze", "both"]
+SPLIT_FILE = "ICBHI_challenge_train_test.txt"
+ANNOTATION_FOLDER = "ICBHI_final_database"
+# patient_index_location_mode_device, e.g. 101_1b1_Al_sc_Meditron
+_RECORDING_NAME = re.compile(r"^(\d+)_([^_]+)_([^_]+)_([^_]+)_([^_]+)$")
+_COLUMNS = ["recording", "patient", "split", "start", "end", "crackle", "wheeze", "label", "audio_path"]
+
+
+def annotation_dir(data: Path) -> Path:
+    """The folder holding `<rec>.txt`: `DATA/ICBHI_final_database` or DATA itself."""
+    data = Path(data).expanduser()
+    if not data.is_dir():
+        raise DataError(f"{data}: ICBHI folder not found; pass the folder that holds {ANNOTATION_FOLDER}/ and {SPLIT_FILE}")
+    nested = data / ANNOTATION_FOLDER
+    if nested.is_dir():
+        return nested
+    if any(_RECORDING_NAME.match(p.stem) for p in data.glob("*.txt")):
+        return data
+    raise DataError(
+        f"{data}: no ICBHI annotations found (expected {ANNOTATION_FOLDER}/<recording>.txt); "
+        "unzip ICBHI_final_database.zip from the ICBHI challenge site into this folder"
+    )
+
+
+def read_split_file(path: Path) -> dict[str, str]:
+    """`<rec>\\t<train|test>` lines -> {rec: split}; CRLF and blank lines are fine."""
+    out: dict[str, str] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2 or fields[1].lower() not in ("train", "test"):
+            raise DataError(f"{path}: line {number} is {line.strip()!r}, expected '<recording> <train|test>'; restore the official file")
+        out[fields[0]] = fields[1].lower()
+    if not out:
+        raise DataError(f"{path}: the split file is empty; restore the official {SPLIT_FILE}")
+    return out
+
+
+def read_annotation(path: Path) -> list[tuple[float, float, int, int]]:
+    """`start end crackle wheeze` per line (tabs or spaces, maybe CRLF) -> list of tuples."""
+    cycles = []
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            if len(fields) != 4:
+                raise ValueError
+            start, end = float(fields[0]), float(fields[1])
+            crackle, wheeze = int(fields[2]), int(fields[3])
+            if crackle not in (0, 1) or wheeze not in (0, 1) or not end > start:
+                raise ValueError
+        except ValueError:
+            raise DataError(
+                f"{path}: line {number} is {line.strip()!r}, expected 'start end crackle(0/1) wheeze(0/1)' "
+                "with end > start; fix or restore the annotation file"
+            ) from None
+        cycles.append((start, end, crackle, wheeze))
+    return cycles
+
+
+def _find_split_file(data: Path, ann_dir: Path) -> Path:
+    for candidate in (data / SPLIT_FILE, ann_dir / SPLIT_FILE):
+        if candidate.is_file():
+            return candidate
+    raise DataError(
+        f"{data}: {SPLIT_FILE} not found; put the official split file from the ICBHI challenge site in this folder"
+    )
+
+
+def _match_split_names(recordings: list[str], split_map: dict[str, str]) -> tuple[dict[str, str], list[str], list[str]]:
+    """Map each annotation name to a split-file name: exact first, then unique patient_index_location.
+
+    Returns (mapping rec -> split-file name, notes, unmatched recordings).
+    """
+    mapping: dict[str, str] = {}
+    notes: list[str] = []
+    unmatched: list[str] = []
+    exact = set(recordings)
+    spare: dict[str, list[str]] = {}
+    for name in split_map:
+        if name not in exact:
+            spare.setdefault("_".join(name.split("_")[:3]), []).append(name)
+    for rec in recordings:
+        if rec in split_map:
+            mapping[rec] = rec
+            continue
+        options = spare.get("_".join(rec.split("_")[:3]), [])
+        if len(options) == 1:
+            mapping[rec] = options[0]
+            notes.append(f"annotation {rec} matched split entry {options[0]} by patient_index_location")
+        else:
+            unmatched.append(rec)
+    return mapping, notes, unmatched
+
+
+def _audio_for(ann_dir: Path, rec: str) -> Path | None:
+    for suffix in (".wav", ".flac", *[s for s in AUDIO_SUFFIXES if s not in (".wav", ".flac")]):
+        candidate = ann_dir / f"{rec}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def parse_icbhi(data: Path | str) -> pd.DataFrame:
+    """Every annotated cycle (audio or not), one row each, in recording then time order.
+
+    Columns: recording, patient, split, start, end, crackle, wheeze, label (crackle + 2*wheeze),
+    audio_path (str, or None when the audio is absent). `df.attrs['notes']` holds name matches,
+    `df.attrs['warnings']` recordings that could not be placed in the split.
+    """
+    data = Path(data).expanduser()
+    ann_dir = annotation_dir(data)
+    split_path = _find_split_file(data, ann_dir)
+    split_map = read_split_file(split_path)
+    ann_files = sorted(p for p in ann_dir.glob("*.txt") if _RECORDING_NAME.match(p.stem))
+    if not ann_files:
+        raise DataError(f"{ann_dir}: no <recording>.txt annotation files; unzip ICBHI_final_database.zip here")
+    recordings = [p.stem for p in ann_files]
+    mapping, notes, unmatched = _match_split_names(recordings, split_map)
+    warnings = []
+    if unmatched:
+        shown = ", ".join(unmatched[:5]) + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")
+        warnings.append(f"{len(unmatched)} annotated recording(s) are not in {SPLIT_FILE} and were left out: {shown}")
+    used = set(mapping.values())
+    orphan = [n for n in split_map if n not in used]
+    if orphan:
+        notes.append(f"{len(orphan)} split-file entr(y/ies) have no annotation file (e.g. {orphan[0]})")
+    rows = []
+    for path in ann_files:
+        rec = path.stem
+        if rec not in mapping:
+            continue
+        audio = _audio_for(ann_dir, rec)
+        patient = rec.split("_")[0]
+        split = split_map[mapping[rec]]
+        for start, end, crackle, wheeze in read_annotation(path):
+            rows.append((rec, patient, split, start, end, crackle, wheeze, crackle + 2 * wheeze, None if audio is None else str(audio)))
+    frame = pd.DataFrame(rows, columns=_COLUMNS)
+    frame.attrs["notes"] = notes
+    frame.attrs["warnings"] = warnings
+    frame.attrs["split_file"] = str(split_path)
+    return frame
+
+
+class _SubjectSplit(NamedTuple):
+    subject: str
+    split: str
+
+
+def load_icbhi(data: Path | str, *, val_fraction: float = 0.15, seed: int = 0) -> TaskData:
+    """Cycles with audio as `TaskData` (official train/test, subject-disjoint val carved from train).
+
+    Recordings whose annotations exist but whose audio is absent are listed in `missing_audio`.
+    """
+    frame = parse_icbhi(data)
+    with_audio = frame[frame["audio_path"].notna()]
+    missing = sorted(frame.loc[frame["audio_path"].isna(), "recording"].unique().tolist())
+    if with_audio.empty:
+        raise DataError(
+            f"{data}: none of the {frame['recording'].nunique()} annotated recordings has audio "
+            "(<recording>.wav or .flac next to the .txt); unzip the full ICBHI_final_database.zip"
+        )
+    items: list[LabelledItem] = []
+    cycle_no = frame.groupby("recording").cumcount()
+    for index, row in with_audio.iterrows():
+        items.append(
+            LabelledItem(
+                item_id=f"{row.recording}#{int(cycle_no[index]):03d}",
+                path=Path(row.audio_path),
+                label=int(row.label),
+                subject=str(row.patient),
+                split=str(row.split),
+                start=float(row.start),
+                end=float(row.end),
+                recording=str(row.recording),
+            )
+        )
+    notes = list(frame.attrs.get("notes", []))
+    warnings = list(frame.attrs.get("warnings", []))
+    if missing:
+        warnings.append(f"audio missing for {len(missing)} of {frame['recording'].nunique()} annotated recordings; their cycles are not used")
+    items, carve_notes = carve_validation(items, val_fraction=val_fraction, seed=seed, source=str(data))
+    notes.extend(carve_notes)
+    # The published overlap (patients 156, 218) is reported even when the audio subset misses it.
+    pairs = frame[["patient", "split"]].drop_duplicates()
+    official = [_SubjectSplit(str(p), str(s)) for p, s in pairs.itertuples(index=False)]
+    full = [f"all annotations: {w}" for w in check_leakage(official, official=True)]
+    subset = check_leakage(items, official=True)
+    warnings.extend(full + [f"cycles with audio: {w}" for w in subset])
+    return TaskData(
+        name="icbhi",
+        classes=list(CLASSES),
+        normal_class=0,
+        items=items,
+        missing_audio=missing,
+        warnings=warnings,
+        official_split=True,
+        notes=notes,
+        all_cycles=frame,
+    )
+
+
+def prepare_cycle(
+    wave: torch.Tensor,
+    sr: int,
+    *,
+    length_s: float = 8.0,
+    pad: str = "circular",
+    fade_samples: int | None = None,
+) -> torch.Tensor:
+    """Make a cycle exactly `round(length_s * sr)` samples long (the common ICBHI preparation).
+
+    Longer cycles keep their first `length_s` seconds. Shorter ones are padded:
+    - 'zero': zeros appended after the cycle.
+    - 'circular': the cycle is repeated back to back and the result cut to length. At every join,
+      the last f samples of the earlier copy are multiplied by a linear fade-out
+      (f-1)/f, (f-2)/f, ..., 0 and the first f samples of the next copy by the fade-in
+      0, 1/f, ..., (f-1)/f, where f = fade_samples (default sr // 16), capped at half the cycle
+      length. The very start of the first copy and the final cut are not faded.
+    A cycle that already has the target length is returned unchanged.
+    """
+    if pad not in ("circular", "zero"):
+        raise ConfigError(f"cycle padding must be 'circular' or 'zero', got {pad!r}")
+    if wave.dim() != 1:
+        raise ValueError(f"prepare_cycle expects a 1-D waveform, got shape {tuple(wave.shape)}")
+    target = int(round(length_s * sr))
+    n = wave.shape[0]
+    if n == 0:
+        raise ValueError("cannot pad an empty cycle")
+    if n >= target:
+        return wave[:target].clone()
+    if pad == "zero":
+        return torch.cat([wave, wave.new_zeros(target - n)])
+    f = sr // 16 if fade_samples is None else int(fade_samples)
+    f = max(0, min(f, n // 2))
+    copies = -(-target // n)  # ceil
+    tiled = wave.repeat(copies)
+    if f > 0:
+        fade_in = torch.arange(f, dtype=wave.dtype, device=wave.device) / f
+        fade_out = fade_in.flip(0)
+        for k in range(1, copies):
+            join = k * n
+            tiled[join - f : join] *= fade_out
+            tiled[join : join + f] *= fade_in
+    return tiled[:target]
+
+
+def load_cycle(
+    item: LabelledItem,
+    sample_rate: int = 16000,
+    *,
+    length_s: float = 8.0,
+    pad: str = "circular",
+) -> torch.Tensor:
+    """Read an item's [start, end) segment at `sample_rate` and prepare it to `length_s` seconds."""
+    wave = load_audio(item.path, sample_rate, start=item.start, end=item.end)
+    return prepare_cycle(wave, sample_rate, length_s=length_s, pad=pad)

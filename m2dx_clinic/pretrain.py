@@ -1,0 +1,654 @@
+"""M2D / M2D-X pre-training: further pre-training on a team's recordings, or from scratch on AudioSet.
+
+Features, each with the recipe key (or CLI flag) that controls it:
+- base checkpoint initialises online encoder, target and predictor (`base`); empty = from scratch (`model.*`)
+- offline task: frozen teacher (default: the base), labels from the manifest, or none (`objective.offline_task`)
+- background noise mixed in the log-mel domain on the training device (`data.noise`, `data.noise_ratio`),
+  routed to the M2D branch as in the paper or as in the reference code (`data.routing`)
+- small-data inflation to a minimum epoch size (`data.min_ds_size`)
+- AMP (bf16 / fp16 + scaler / fp32 on CPU) (`run.amp`), gradient accumulation (`optim.accum_steps`),
+  AdamW with decay groups, warm-up + cosine LR per iteration, clipping, EMA per spec (`objective.ema_*`)
+- checkpoints in the published layout every `run.save_every` epochs, written atomically; a resume
+  state every epoch; `resume_run(run_dir)` continues exactly (model, optimiser, scaler, RNG, noise cycle)
+- DDP when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU
+
+A run directory holds `recipe.toml` (resolved), `metrics.jsonl`, `environment.json`, the checkpoint
+folder named by the published convention, `state/last.pth` and `report/` (progress report).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt_io
+from .audio import FrontEndConfig
+from .config import atomic_write_text, load_recipe, save_resolved, to_dict
+from .data.downloads import data_root, resolve_noise
+from .data.pretrain_data import (
+    CropDataset,
+    LogMelCache,
+    NoiseCropDataset,
+    compute_norm_stats,
+    list_training_audio,
+    mix_in_log_domain,
+)
+from .errors import ConfigError, M2DXError
+from .models.m2d import M2D, PredictorConfig
+from .models.vit import AudioViT, ViTConfig, param_groups
+from .objectives import (
+    LabelsTask,
+    OfflineTask,
+    TeacherTask,
+    effective_lr,
+    ema_decay_at,
+    lr_at,
+    norm_cosine_loss,
+    random_masking,
+)
+from .progress import MetricLogger, console, environment_facts, make_progress
+
+ICBHI_BASE = "m2d_vit_base-80x200p16x4-230529"
+
+
+# ---------------------------------------------------------------------------- recipe
+@dataclass
+class ModelSection:
+    """Architecture for training from scratch (ignored when a base checkpoint gives it)."""
+
+    input_size: tuple[int, int] = (80, 200)
+    patch_size: tuple[int, int] = (16, 4)
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    sample_rate: int = 16000
+    predictor_dim: int = 512
+    predictor_depth: int = 8
+    predictor_heads: int = 16
+
+
+@dataclass
+class DataSection:
+    data: str = ""  # folder (recursive) or CSV manifest with a `path` column
+    noise: str = ""  # folder, CSV, `fsd50k`, `esc50`, or "" for no background noise
+    noise_ratio: float = 0.3  # r in log(r*exp(noise) + (1-r)*exp(clean)); ICBHI 0.3, SPRSound 0.01
+    routing: Literal["paper", "reference"] = "paper"  # which branch sees the noisy mix
+    min_ds_size: int = 10000  # inflate the file list to at least this many items per epoch
+    norm_stats_samples: int = 10000  # random crops used for the dataset mean/std
+    data_root: str = ""  # where named data sets live; default $M2DX_DATA or ~/.cache/m2dx/data
+    cache_dir: str = ""  # log-mel cache; default <data_root>/cache
+    cache_workers: int = 2
+    loader_workers: int = 2
+    skip_bad: bool = False  # skip unreadable files instead of stopping
+
+
+@dataclass
+class ObjectiveSection:
+    mask_ratio: float = 0.7
+    offline_task: Literal["teacher", "labels", "none"] = "teacher"
+    teacher: str = ""  # frozen teacher checkpoint; default = the base checkpoint
+    lambda_m2d: float = 1.0
+    lambda_off: float = 1.0
+    ema_start: float = 0.99995
+    ema_end: float = 0.99999
+
+
+@dataclass
+class OptimSection:
+    epochs: int = 600
+    warmup_epochs: int = 24
+    batch_size: int = 64
+    accum_steps: int = 2
+    blr: float = 3e-4  # lr = blr * effective batch / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float = 3.0
+
+
+@dataclass
+class RunSection:
+    out: str = ""  # run directory; default runs/<name>-<timestamp>
+    seed: int = 0
+    device: str = "auto"  # auto = cuda when present
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    save_every: int = 100  # epochs between published-layout checkpoints (the last epoch is always saved)
+    max_steps: int = 0  # stop after this many optimiser steps (0 = no limit); for smoke runs
+    log_every: int = 10  # optimiser steps between log lines
+    report: bool = True  # refresh the cheap progress report at each save
+    tag: str = ""  # appended to the checkpoint folder name
+
+
+@dataclass
+class PretrainRecipe:
+    name: str = "icbhi_m2dx"
+    base: str = ICBHI_BASE  # published name, folder or file; "" = train from scratch
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)
+
+
+class TrainingDiverged(M2DXError):
+    """The loss became NaN/Inf; the last good checkpoint is kept."""
+
+
+# ---------------------------------------------------------------------------- environment
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_choice: str) -> Distributed:
+    """Join the torchrun process group when launched with WORLD_SIZE > 1 (gloo on CPU, NCCL on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_choice in ("auto", "cuda")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local)
+    return Distributed(rank, world, local)
+
+
+def pick_device(choice: str, ddp: Distributed) -> torch.device:
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        return torch.device("cuda", ddp.local_rank) if choice == "cuda" else torch.device(choice)
+    return torch.device(choice)
+
+
+def pick_amp(choice: str, device: torch.device) -> torch.dtype | None:
+    """bf16 where supported, fp16 (with a grad scaler) on older GPUs, fp32 on CPU."""
+    if choice == "off" or device.type != "cuda":
+        if choice in ("bf16", "fp16") and device.type != "cuda":
+            console.print(f"[yellow]amp={choice} ignored on {device.type}; training in fp32[/]")
+        return None
+    if choice == "fp16":
+        return torch.float16
+    if choice == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(int(x) for x in state["python"]), None))
+    keys = state["numpy"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------- setup pieces
+@dataclass
+class TrainingData:
+    dataset: CropDataset
+    noise: NoiseCropDataset | None
+    mean: float
+    std: float
+    num_files: int
+    label_names: list[str]
+
+
+def _cache_dir(recipe: PretrainRecipe) -> Path:
+    if recipe.data.cache_dir:
+        return Path(recipe.data.cache_dir)
+    return data_root(Path(recipe.data.data_root) if recipe.data.data_root else None) / "cache"
+
+
+def prepare_data(recipe: PretrainRecipe, frontend: FrontEndConfig, crop_frames: int,
+                 norm_stats: tuple[float, float] | None, noise_mean: float | None, progress: bool) -> TrainingData:
+    """List, validate and cache the audio (decode + resample + log-mel once), then build the datasets."""
+    if not recipe.data.data:
+        raise ConfigError("no training data given; pass --data FOLDER_OR_CSV")
+    segments = list_training_audio(Path(recipe.data.data))
+    cache = LogMelCache(_cache_dir(recipe), frontend)
+    lms_list, bad = cache.build(segments, workers=recipe.data.cache_workers, skip_bad=recipe.data.skip_bad,
+                                progress=progress)
+    if bad:
+        console.print(f"[yellow]skipped {len(bad)} unreadable file(s) (--skip-bad); first: {bad[0][0].path}: {bad[0][1]}[/]")
+    good = [s for s in segments if not any(s is b for b, _ in bad)]
+    labels, names = None, []
+    if recipe.objective.offline_task == "labels":
+        raw = [s.label for s in good]
+        if any(not lab for lab in raw):
+            raise ConfigError(f"{recipe.data.data}: offline_task=labels needs a `label` for every row of the manifest")
+        names = sorted({lab for lab in raw})
+        labels = [names.index(lab) for lab in raw]
+    if norm_stats is None:
+        norm_stats = compute_norm_stats(lms_list, crop_frames, recipe.data.norm_stats_samples, recipe.run.seed)
+    dataset = CropDataset(lms_list, crop_frames, min_ds_size=recipe.data.min_ds_size, labels=labels,
+                          num_classes=len(names) or None)
+    noise = None
+    if recipe.data.noise:
+        root = Path(recipe.data.data_root) if recipe.data.data_root else None
+        noise_segments = list_training_audio(resolve_noise(recipe.data.noise, root))
+        noise_lms, bad_noise = cache.build(noise_segments, workers=recipe.data.cache_workers,
+                                           skip_bad=recipe.data.skip_bad, progress=progress)
+        noise = NoiseCropDataset(noise_lms, crop_frames, mean=noise_mean, seed=recipe.run.seed + 17,
+                                 num_stat_samples=min(recipe.data.norm_stats_samples, 10000))
+    return TrainingData(dataset, noise, float(norm_stats[0]), float(norm_stats[1]), len(lms_list), names)
+
+
+def scratch_vit_config(m: ModelSection) -> ViTConfig:
+    return ViTConfig(tuple(m.input_size), tuple(m.patch_size), m.embed_dim, m.depth, m.num_heads, m.mlp_ratio,
+                     m.sample_rate)
+
+
+def scratch_predictor_config(m: ModelSection) -> PredictorConfig:
+    return PredictorConfig(m.predictor_dim, m.predictor_depth, m.predictor_heads)
+
+
+def load_teacher(recipe: PretrainRecipe) -> AudioViT | None:
+    """The frozen offline teacher: `objective.teacher`, else the base checkpoint, else None (initial model)."""
+    source = recipe.objective.teacher or recipe.base
+    return ckpt_io.load_encoder(source) if source else None
+
+
+def freeze_initial_encoder(model: M2D, run_dir: Path) -> AudioViT:
+    """Without a base checkpoint the teacher is the initial encoder; saved so a resumed run reuses it."""
+    teacher = AudioViT(model.config, tuple(model.norm_stats.tolist()))
+    teacher.load_state_dict(model.encoder_state_dict())
+    folder = ckpt_io.checkpoint_folder_name(model.config, offline=False, tag="teacher")
+    path = run_dir / "teacher" / folder / "checkpoint-0.pth"
+    ckpt_io.atomic_torch_save({"model": teacher.state_dict(), "epoch": 0, "m2dx": {
+        "vit_config": {**to_dict(model.config)}}}, path)
+    teacher.saved_path = path
+    return teacher
+
+
+def build_offline_task(recipe: PretrainRecipe, label_names: list[str], teacher: AudioViT | None,
+                       device: torch.device) -> OfflineTask | None:
+    task = recipe.objective.offline_task
+    if task == "none":
+        return None
+    if task == "labels":
+        if len(label_names) < 2:
+            raise ConfigError("offline_task=labels needs at least two distinct labels in the manifest")
+        return LabelsTask(len(label_names))
+    return TeacherTask(teacher.to(device))
+
+
+def validate_recipe(recipe: PretrainRecipe) -> None:
+    """Reject bad combinations before any work starts."""
+    o, r = recipe.optim, recipe.run
+    if o.batch_size < 1 or o.accum_steps < 1 or o.epochs < 1:
+        raise ConfigError("optim.batch_size, optim.accum_steps and optim.epochs must be >= 1")
+    if not 0.0 < recipe.objective.mask_ratio < 1.0:
+        raise ConfigError(f"objective.mask_ratio must be in (0, 1), got {recipe.objective.mask_ratio}")
+    if not 0.0 <= recipe.data.noise_ratio <= 1.0:
+        raise ConfigError(f"data.noise_ratio must be in [0, 1], got {recipe.data.noise_ratio}")
+    if r.save_every < 1:
+        raise ConfigError("run.save_every must be >= 1")
+
+
+# ---------------------------------------------------------------------------- the trainer
+class Pretrainer:
+    """Holds the parts of one run; `train()` is the loop. Built by `start_run` / `resume_run`."""
+
+    def __init__(self, recipe: PretrainRecipe, run_dir: Path, resume_from: Path | None = None,
+                 on_save: Callable[[Path], None] | None = None):
+        validate_recipe(recipe)
+        self.recipe, self.run_dir, self.on_save = recipe, run_dir, on_save
+        self.ddp = init_distributed(recipe.run.device)
+        self.device = pick_device(recipe.run.device, self.ddp)
+        self.amp_dtype = pick_amp(recipe.run.amp, self.device)
+        seed_everything(recipe.run.seed + self.ddp.rank)
+        resume = ckpt_io.LoadedCheckpoint(resume_from) if resume_from else None
+        base = ckpt_io.open_checkpoint(recipe.base) if (recipe.base and resume is None) else None
+        meta = resume.meta if resume else {}
+        vit = (resume or base).vit_config if (resume or base) else scratch_vit_config(recipe.model)
+        self.frontend = FrontEndConfig.for_sample_rate(vit.sample_rate)
+        self.crop_frames = vit.input_size[1]
+        stats = tuple(meta["norm_stats"]) if "norm_stats" in meta else None
+        self.data = prepare_data(recipe, self.frontend, self.crop_frames, stats, meta.get("noise_mean"),
+                                 progress=self.ddp.is_main)
+        teacher = load_teacher(recipe) if recipe.objective.offline_task == "teacher" else None
+        offline_dim = {"teacher": vit.grid_size[0] * vit.embed_dim, "labels": len(self.data.label_names),
+                       "none": None}[recipe.objective.offline_task]
+        if teacher is not None:
+            offline_dim = teacher.frame_feature_dim
+        source = resume or base
+        if source is not None:
+            self.model, self.notes = ckpt_io.build_m2d_from(source, offline_dim)
+        else:
+            self.model = M2D(vit, scratch_predictor_config(recipe.model), offline_dim=offline_dim)
+            self.notes = ["trained from scratch (no base checkpoint)"]
+        if recipe.objective.offline_task == "teacher" and teacher is None:
+            teacher = freeze_initial_encoder(self.model, run_dir)
+            recipe.objective.teacher = str(teacher.saved_path)
+            self.notes.append(f"no base checkpoint: the teacher is the frozen initial encoder ({teacher.saved_path})")
+        self.task = build_offline_task(recipe, self.data.label_names, teacher, self.device)
+        if teacher is not None and (teacher.config.input_size[1] != vit.input_size[1]
+                                    or teacher.config.patch_size[1] != vit.patch_size[1]):
+            raise ConfigError("the teacher must have the same input width and patch width as the model")
+        self.model.norm_stats.copy_(torch.tensor([self.data.mean, self.data.std]))
+        self.model.to(self.device)
+
+        o = recipe.optim
+        self.lr = effective_lr(o.blr, o.batch_size, o.accum_steps, self.ddp.world_size)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=self.lr, betas=tuple(o.betas))
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.ddp_model = self.model
+        if self.ddp.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+        self.loader = self._make_loader()
+        self.steps_per_epoch = len(self.loader)  # data iterations
+        if self.steps_per_epoch < o.accum_steps:
+            raise ConfigError(
+                f"an epoch has {self.steps_per_epoch} batches, fewer than optim.accum_steps={o.accum_steps}; "
+                "lower the batch size or raise data.min_ds_size"
+            )
+        self.total_iters = o.epochs * self.steps_per_epoch
+        self.epoch, self.opt_step = 0, 0
+        self.folder_name = meta.get("folder_name") or ckpt_io.checkpoint_folder_name(
+            vit, offline=self.task is not None, tag=recipe.run.tag)
+        if resume is not None:
+            self._restore(resume)
+
+    # ------------------------------------------------------------ data loader
+    def _make_loader(self) -> torch.utils.data.DataLoader:
+        o, d = self.recipe.optim, self.recipe.data
+        if self.ddp.enabled:
+            sampler = torch.utils.data.distributed.DistributedSampler(
+                self.data.dataset, num_replicas=self.ddp.world_size, rank=self.ddp.rank,
+                shuffle=True, seed=self.recipe.run.seed, drop_last=True)
+        else:
+            self._sampler_gen = torch.Generator()
+            sampler = torch.utils.data.RandomSampler(self.data.dataset, generator=self._sampler_gen)
+        self._loader_gen = torch.Generator()
+        return torch.utils.data.DataLoader(
+            self.data.dataset, batch_size=o.batch_size, sampler=sampler, drop_last=True,
+            num_workers=d.loader_workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=False, generator=self._loader_gen,
+        )
+
+    def _seed_epoch(self, epoch: int) -> None:
+        """Shuffle order and crops of epoch e depend only on (seed, e, rank): resume reproduces them."""
+        base = self.recipe.run.seed * 100003 + epoch * 1009 + self.ddp.rank
+        if self.ddp.enabled:
+            self.loader.sampler.set_epoch(epoch)
+        else:
+            self._sampler_gen.manual_seed(base)
+        self._loader_gen.manual_seed(base + 7)
+
+    # ------------------------------------------------------------ state
+    def _restore(self, resume: ckpt_io.LoadedCheckpoint) -> None:
+        meta = resume.meta
+        self.epoch = int(resume.raw.get("epoch", 0))
+        self.opt_step = int(meta.get("opt_step", 0))
+        if resume.raw.get("optimizer"):
+            self.optimizer.load_state_dict(resume.raw["optimizer"])
+        if self.scaler is not None and resume.raw.get("scaler"):
+            self.scaler.load_state_dict(resume.raw["scaler"])
+        if self.data.noise is not None and meta.get("noise_state"):
+            self.data.noise.load_state_dict(meta["noise_state"])
+        if meta.get("rng"):
+            set_rng_state(meta["rng"])
+        if int(meta.get("seed", self.recipe.run.seed)) != self.recipe.run.seed:
+            console.print("[yellow]warning: the recipe seed differs from the checkpoint's; resuming with the checkpoint state[/]")
+
+    def _checkpoint_dict(self) -> dict[str, Any]:
+        meta = {
+            "recipe": to_dict(self.recipe),
+            "norm_stats": [self.data.mean, self.data.std],
+            "noise_mean": self.data.noise.mean if self.data.noise is not None else None,
+            "noise_state": self.data.noise.state_dict() if self.data.noise is not None else None,
+            "opt_step": self.opt_step,
+            "data_iter": self.epoch * self.steps_per_epoch,
+            "offline_task": self.task.name if self.task is not None else "none",
+            "label_names": self.data.label_names,
+            "folder_name": self.folder_name,
+            "seed": self.recipe.run.seed,
+            "rng": rng_state(),
+        }
+        return ckpt_io.training_checkpoint(
+            self.model, epoch=self.epoch, optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler is not None else None,
+            args=to_dict(self.recipe), meta=meta)
+
+    def save(self, published: bool) -> Path:
+        """Resume state every epoch; the published-layout checkpoint every `save_every` epochs."""
+        state = self._checkpoint_dict()
+        if published:
+            path = self.run_dir / self.folder_name / f"checkpoint-{self.epoch}.pth"
+        else:
+            path = self.run_dir / "state" / "last.pth"
+        ckpt_io.atomic_torch_save(state, path)
+        if published:
+            stale = self.run_dir / "state" / "last.pth"
+            if stale.exists():
+                stale.unlink()  # the published checkpoint is now the newest resume point
+        return path
+
+    # ------------------------------------------------------------ one step
+    def _inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M2D input, teacher input), normalised; noise mixed on the device per batch (spec §4)."""
+        lms = batch["lms"].to(self.device, non_blocking=True)
+        mean, std = self.data.mean, self.data.std
+        if self.data.noise is None:
+            clean = (lms - mean) / std
+            return clean, clean
+        noise = self.data.noise.sample(lms.shape[0]).to(self.device, non_blocking=True)
+        clean, mixed = mix_in_log_domain(lms, noise, self.recipe.data.noise_ratio, mean, self.data.noise.mean, std)
+        return (mixed, clean) if self.recipe.data.routing == "paper" else (clean, mixed)
+
+    def _losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        m2d_input, teacher_input = self._inputs(batch)
+        b = m2d_input.shape[0]
+        ids_shuffle, len_keep = random_masking(b, self.model.config.num_patches, self.recipe.objective.mask_ratio,
+                                               self.device)
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+        with autocast:
+            out = self.ddp_model(m2d_input, ids_shuffle, len_keep)
+            loss_m2d = norm_cosine_loss(out["predicted"], out["target"])
+            losses = {"loss_m2d": loss_m2d}
+            total = self.recipe.objective.lambda_m2d * loss_m2d
+            if self.task is not None:
+                if "label" in batch:
+                    batch = {**batch, "label": batch["label"].to(self.device, non_blocking=True)}
+                targets = self.task.targets(batch, teacher_input)
+                loss_off = self.task.loss(out["offline"], targets)
+                losses["loss_offline"] = loss_off
+                total = total + self.recipe.objective.lambda_off * loss_off
+        losses["loss"] = total
+        return losses
+
+    # ------------------------------------------------------------ the loop
+    def train(self, progress: bool = True) -> Path:
+        o, r = self.recipe.optim, self.recipe.run
+        accum = o.accum_steps
+        logger = MetricLogger(self.run_dir / "metrics.jsonl") if self.ddp.is_main else None
+        last_saved: Path | None = None
+        show = progress and self.ddp.is_main
+        stop = False
+        with make_progress() as bar:
+            task_id = bar.add_task("pre-train", total=self.total_iters, completed=self.epoch * self.steps_per_epoch,
+                                   status="", visible=show)
+            while self.epoch < o.epochs and not stop:
+                self._seed_epoch(self.epoch)
+                self.ddp_model.train()
+                sums = torch.zeros(3, device=self.device)
+                count, t0, samples = 0, time.perf_counter(), 0
+                usable = (self.steps_per_epoch // accum) * accum  # whole accumulation cycles only
+                for i, batch in enumerate(self.loader):
+                    if i >= usable:
+                        break
+                    it = self.epoch * self.steps_per_epoch + i
+                    if i % accum == 0:
+                        lr = lr_at(it / self.steps_per_epoch, self.lr, o.warmup_epochs, o.epochs, o.min_lr)
+                        for group in self.optimizer.param_groups:
+                            group["lr"] = lr
+                    last_micro = (i + 1) % accum == 0
+                    sync = self.ddp_model.no_sync() if (self.ddp.enabled and not last_micro) else nullcontext()
+                    with sync:
+                        losses = self._losses(batch)
+                        scaled = losses["loss"] / accum  # mean over micro-batches = one big batch
+                        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                    sums += torch.stack([losses["loss"].detach().float(), losses["loss_m2d"].detach().float(),
+                                         losses.get("loss_offline", torch.zeros((), device=self.device)).detach().float()])
+                    count += 1
+                    samples += batch["lms"].shape[0] * self.ddp.world_size
+                    if not last_micro:
+                        continue
+                    if self.scaler:
+                        self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.clip_grad)
+                    if self.scaler:
+                        self.scaler.step(self.optimizer)
+                        self.scaler.update()
+                    else:
+                        self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    decay = ema_decay_at(it, self.total_iters, self.recipe.objective.ema_start, self.recipe.objective.ema_end)
+                    self.model.update_target(decay)
+                    self.opt_step += 1
+                    bar.update(task_id, completed=it + 1)
+                    if self.opt_step % r.log_every == 0 or (r.max_steps and self.opt_step >= r.max_steps):
+                        row = self._log_row(sums / max(count, 1), lr, decay, samples / (time.perf_counter() - t0))
+                        self._check_finite(row, last_saved)
+                        if logger:
+                            logger.log(row, self.opt_step)
+                        bar.update(task_id, status=_status(row))
+                    if r.max_steps and self.opt_step >= r.max_steps:
+                        stop = True
+                        break
+                self.epoch += 1
+                row = self._log_row(sums / max(count, 1), lr, decay, samples / (time.perf_counter() - t0))
+                row["epoch_end"] = True
+                self._check_finite(row, last_saved)
+                if logger:
+                    logger.log(row, self.opt_step)
+                published = self.epoch % r.save_every == 0 or self.epoch >= o.epochs or stop
+                if self.ddp.is_main:
+                    last_saved = self.save(published)
+                    if published and self.on_save is not None:
+                        self.on_save(last_saved)
+                if self.ddp.enabled:
+                    dist.barrier()
+        if logger:
+            logger.close()
+        return self.run_dir
+
+    def _log_row(self, means: torch.Tensor, lr: float, decay: float, samples_per_s: float) -> dict[str, Any]:
+        values = means.tolist()  # one host sync per log line, not per step
+        row = {"epoch": self.epoch + 1, "opt_step": self.opt_step, "loss": values[0], "loss_m2d": values[1],
+               "lr": lr, "ema_decay": decay, "samples_per_s": samples_per_s}
+        if self.task is not None:
+            row["loss_offline"] = values[2]
+        return row
+
+    def _check_finite(self, row: dict[str, Any], last_saved: Path | None) -> None:
+        if not math.isfinite(row["loss"]):
+            where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved yet"
+            raise TrainingDiverged(
+                f"loss became {row['loss']} at epoch {row['epoch']} step {row['opt_step']}; {where}; "
+                "lower optim.blr or run with --amp off"
+            )
+
+
+def _status(row: dict[str, Any]) -> str:
+    parts = [f"ep {row['epoch']}", f"loss {row['loss']:.4f}", f"m2d {row['loss_m2d']:.4f}"]
+    if "loss_offline" in row:
+        parts.append(f"off {row['loss_offline']:.4f}")
+    parts += [f"lr {row['lr']:.2e}", f"ema {row['ema_decay']:.6f}", f"{row['samples_per_s']:.1f} samples/s"]
+    return "  ".join(parts)
+
+
+# ---------------------------------------------------------------------------- entry points
+def default_run_dir(recipe: PretrainRecipe) -> Path:
+    return Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def latest_resume_point(run_dir: Path) -> Path | None:
+    """The newest of `state/last.pth` and the published checkpoints, by stored epoch."""
+    candidates = [p for _, p in ckpt_io.list_checkpoints(run_dir)]
+    last = run_dir / "state" / "last.pth"
+    if last.is_file():
+        candidates.append(last)
+    if not candidates:
+        return None
+    return max(candidates, key=lambda p: ckpt_io.LoadedCheckpoint(p).epoch or 0)
+
+
+def start_run(recipe: PretrainRecipe, on_save: Callable[[Path], None] | None = None, progress: bool = True) -> Path:
+    """A new run: write the resolved recipe and environment facts, then train."""
+    run_dir = Path(recipe.run.out) if recipe.run.out else default_run_dir(recipe)
+    if latest_resume_point(run_dir) is not None:
+        raise ConfigError(f"{run_dir}: already holds a run; resume it with --resume {run_dir} or pick another --out")
+    recipe.run.out = str(run_dir)
+    trainer = Pretrainer(recipe, run_dir, on_save=on_save)
+    if trainer.ddp.is_main:
+        save_resolved(recipe, run_dir / "recipe.toml", header=f"resolved recipe of run {run_dir.name}")
+        facts = {**environment_facts(), "world_size": trainer.ddp.world_size, "device": str(trainer.device),
+                 "amp": str(trainer.amp_dtype), "notes": trainer.notes}
+        atomic_write_text(run_dir / "environment.json", json.dumps(facts, indent=2))
+        for note in trainer.notes:
+            console.print(f"[dim]{note}[/]")
+    return trainer.train(progress)
+
+
+def resume_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (),
+               on_save: Callable[[Path], None] | None = None, progress: bool = True) -> Path:
+    """Continue a run from its newest checkpoint with the recipe saved in the run (plus overrides)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.toml").is_file():
+        raise ConfigError(f"{run_dir}: no recipe.toml here; pass the run directory that further-pretrain created")
+    recipe = load_recipe(PretrainRecipe, run_dir / "recipe.toml", overrides)
+    point = latest_resume_point(run_dir)
+    if point is None:
+        console.print(f"[yellow]{run_dir}: no checkpoint yet; starting the run from the beginning[/]")
+    trainer = Pretrainer(recipe, run_dir, resume_from=point, on_save=on_save)
+    if trainer.ddp.is_main and point is not None:
+        console.print(f"resuming {run_dir} from {point} (epoch {trainer.epoch}, step {trainer.opt_step})")
+    return trainer.train(progress)

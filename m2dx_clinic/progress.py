@@ -1,0 +1,112 @@
+"""The one metric logger: every loop calls `log(metrics, step)`; JSONL on disk feeds reports, tuning and tests.
+
+TensorBoard is written too when it is installed (optional; never required).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricLogger:
+    """Append-only JSONL (one dict per line, with `step` and wall time) plus optional TensorBoard."""
+
+    def __init__(self, path: str | Path, tensorboard: bool = True):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard package
+
+                self._tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+            except Exception:
+                self._tb = None
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        row = {"step": int(step), "time": time.time(), **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key not in ("step", "time"):
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """All complete rows of a JSONL log (a torn last line from a killed run is ignored)."""
+    rows = []
+    path = Path(path)
+    if not path.is_file():
+        return rows
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def environment_facts() -> dict[str, Any]:
+    """Versions and hardware, saved in each run so numbers can be traced to a machine."""
+    facts: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        facts["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import torchaudio
+        import timm
+
+        facts["torchaudio"] = torchaudio.__version__
+        facts["timm"] = timm.__version__
+    except Exception:
+        pass
+    return facts
+
+
+def make_progress(transient: bool = False) -> Progress:
+    """A rich progress bar with count, elapsed time and ETA plus a free-text status field."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=console,
+        transient=transient,
+        disable=os.environ.get("M2DX_NO_PROGRESS") == "1",
+    )
