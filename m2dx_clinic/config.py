@@ -198,7 +198,7 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -207,7 +207,7 @@ def _toml_value(value: Any) -> str:
         escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
         return f'"{escaped}"'
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if value is None:
         raise ValueError("TOML has no null")
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
@@ -224,7 +224,7 @@ def dump_toml(values: dict[str, Any], header: str = "") -> str:
             lines.append("")
             lines.append(f"[{prefix}]")
         for key, value in scalars.items():
-            lines.append(f"{key} = {_toml_value(value)}")
+            lines.append(f"{key} = {toml_value(value)}")
         for key, value in tables.items():
             emit(value, f"{prefix}.{key}" if prefix else key)
 

@@ -18,7 +18,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True)
+# Logs and CI capture stderr without a terminal; rich would then wrap every table at 80 columns.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def _jsonable(value: Any) -> Any:

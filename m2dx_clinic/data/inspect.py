@@ -148,4 +148,6 @@ def render_inspect(info: dict) -> Group:
 
 def print_inspect(info: dict, console: Console | None = None) -> None:
     """Print `render_inspect(info)` to `console` (stdout by default)."""
-    (console or Console()).print(render_inspect(info))
+    if console is None:
+        from ..progress import console
+    console.print(render_inspect(info))

@@ -218,3 +218,38 @@ def load_task(
 def _natural_key(text: str) -> tuple:
     """Sort '9' before '10' (subject ids are often numbers)."""
     return (0, int(text), "") if text.isdigit() else (1, 0, text)
+
+
+def export_manifest(
+    task_data: TaskData,
+    out_csv: Path | str,
+    *,
+    splits: Sequence[str] = ("train", "val", "test"),
+    recordings: bool = False,
+) -> Path:
+    """Write a task as a CSV manifest (`path,label,subject,split,start,end`) for `--task csv` or pre-training.
+
+    The carved validation split is written back as `train` (loading the CSV carves it again, with
+    the same seed). With `recordings=True` there is one row per audio file (no label, no segment):
+    the input of `m2dx further-pretrain --data`, e.g. the training recordings only.
+    """
+    from ..config import atomic_write_text
+
+    wanted = {"train" if s == "val" else s for s in splits}
+    rows = []
+    seen: set[str] = set()
+    for it in task_data.items:
+        split = "train" if it.split == "val" else it.split
+        if split not in wanted:
+            continue
+        if recordings:
+            if str(it.path) in seen:
+                continue
+            seen.add(str(it.path))
+            rows.append({"path": str(Path(it.path).resolve()), "subject": it.subject, "split": split})
+        else:
+            rows.append({"path": str(Path(it.path).resolve()), "label": task_data.classes[it.label], "subject": it.subject,
+                         "split": split, "start": it.start, "end": it.end})
+    if not rows:
+        raise DataError(f"no items in split(s) {', '.join(sorted(wanted))} to export")
+    return atomic_write_text(out_csv, pd.DataFrame(rows).to_csv(index=False))

@@ -1,0 +1,368 @@
+"""Downloads against a local HTTP server (127.0.0.1 only): resume, verification, zips, data sets."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import os
+import re
+import shutil
+import subprocess
+import threading
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from m2dx_clinic import download as dl
+from m2dx_clinic.data import downloads as data_dl
+from m2dx_clinic.download import (
+    download_file,
+    extract_zip,
+    file_sha256,
+    is_completed,
+    join_multipart_zip,
+)
+from m2dx_clinic.errors import DataError, DownloadError
+
+
+# --------------------------------------------------------------------------------------------
+# a tiny file server with Range support and fault injection
+
+
+@dataclass
+class ServerState:
+    root: Path
+    requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
+    drop_after: int | None = None  # cut the next response after this many body bytes (once)
+    ignore_range: bool = False  # answer 200 with the whole file even to Range requests
+
+
+class _RangeHandler(http.server.BaseHTTPRequestHandler):
+    state: ServerState  # set on the subclass made per server
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - silence stderr
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server naming
+        state = self.state
+        range_header = self.headers.get("Range")
+        name = self.path.split("?", 1)[0].lstrip("/")
+        state.requests.append((name, range_header))
+        path = state.root / name
+        if not name or not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        size = len(data)
+        start, status = 0, 200
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", range_header or "")
+        if m and not state.ignore_range:
+            start = int(m.group(1))
+            if start >= size:
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            end = int(m.group(2)) if m.group(2) else size - 1
+            data = data[start : end + 1]
+            status = 206
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{start + len(data) - 1}/{size}")
+        self.end_headers()
+        if state.drop_after is not None:
+            cut, state.drop_after = state.drop_after, None
+            self.wfile.write(data[:cut])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(data)
+
+
+@dataclass
+class LocalServer:
+    url: str
+    root: Path
+    state: ServerState
+
+    def put(self, name: str, data: bytes) -> Path:
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return path
+
+    @property
+    def requests(self) -> list[tuple[str, str | None]]:
+        return self.state.requests
+
+
+@pytest.fixture
+def http_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A ThreadingHTTPServer on 127.0.0.1:<free port> serving tmp_path/'served'."""
+    monkeypatch.setattr(dl, "RETRY_SLEEP_S", 0.0)
+    root = tmp_path / "served"
+    root.mkdir()
+    state = ServerState(root=root)
+    handler = type("Handler", (_RangeHandler,), {"state": state})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield LocalServer(f"http://127.0.0.1:{server.server_address[1]}", root, state)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def _payload(n: int = 300_000) -> bytes:
+    return os.urandom(n)
+
+
+def _zip_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# download_file
+
+
+def test_fresh_download_verifies_and_leaves_no_part(http_server: LocalServer, tmp_path: Path):
+    data = _payload()
+    http_server.put("a.bin", data)
+    dest = tmp_path / "out" / "a.bin"
+    got = download_file(
+        f"{http_server.url}/a.bin",
+        dest,
+        expected_size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        progress=False,
+    )
+    assert got == dest and dest.read_bytes() == data
+    assert not dl.part_path(dest).exists()
+    assert http_server.requests == [("a.bin", None)]
+    # already there and verified: no new request
+    download_file(f"{http_server.url}/a.bin", dest, expected_size=len(data), progress=False)
+    assert len(http_server.requests) == 1
+
+
+def test_resume_existing_part_uses_range(http_server: LocalServer, tmp_path: Path):
+    data = _payload()
+    http_server.put("a.bin", data)
+    dest = tmp_path / "a.bin"
+    dl.part_path(dest).write_bytes(data[:123_456])
+    download_file(f"{http_server.url}/a.bin", dest, expected_size=len(data), progress=False)
+    assert dest.read_bytes() == data
+    assert http_server.requests == [("a.bin", "bytes=123456-")]
+
+
+def test_dropped_connection_is_resumed(http_server: LocalServer, tmp_path: Path):
+    data = _payload()
+    http_server.put("a.bin", data)
+    http_server.state.drop_after = 100_000
+    dest = tmp_path / "a.bin"
+    download_file(f"{http_server.url}/a.bin", dest, sha256=file_sha256(http_server.root / "a.bin"),
+                  progress=False)
+    assert dest.read_bytes() == data
+    assert http_server.requests[0] == ("a.bin", None)
+    assert http_server.requests[1] == ("a.bin", "bytes=100000-")
+
+
+def test_server_ignoring_range_restarts(http_server: LocalServer, tmp_path: Path):
+    data = _payload()
+    http_server.put("a.bin", data)
+    http_server.state.ignore_range = True
+    dest = tmp_path / "a.bin"
+    dl.part_path(dest).write_bytes(b"garbage-that-must-not-stay")
+    download_file(f"{http_server.url}/a.bin", dest, progress=False)
+    assert dest.read_bytes() == data
+    assert http_server.requests[0][1] is not None  # it asked for a range, got 200, restarted
+
+
+def test_complete_part_answered_416(http_server: LocalServer, tmp_path: Path):
+    data = _payload(5000)
+    http_server.put("a.bin", data)
+    dest = tmp_path / "a.bin"
+    dl.part_path(dest).write_bytes(data)
+    download_file(f"{http_server.url}/a.bin", dest, progress=False)
+    assert dest.read_bytes() == data
+
+
+def test_sha256_mismatch_removes_part(http_server: LocalServer, tmp_path: Path):
+    http_server.put("a.bin", _payload(10_000))
+    dest = tmp_path / "a.bin"
+    with pytest.raises(DownloadError, match=r"a\.bin.*sha256"):
+        download_file(f"{http_server.url}/a.bin", dest, sha256="0" * 64, progress=False)
+    assert not dest.exists() and not dl.part_path(dest).exists()
+
+
+def test_size_mismatch_raises(http_server: LocalServer, tmp_path: Path):
+    http_server.put("a.bin", _payload(10_000))
+    dest = tmp_path / "a.bin"
+    with pytest.raises(DownloadError, match="size is 10000 bytes, expected 9999"):
+        download_file(f"{http_server.url}/a.bin", dest, expected_size=9999, progress=False)
+    assert not dest.exists() and not dl.part_path(dest).exists()
+
+
+def test_missing_url_is_one_line_error(http_server: LocalServer, tmp_path: Path):
+    with pytest.raises(DownloadError, match="HTTP 404") as info:
+        download_file(f"{http_server.url}/nope.bin", tmp_path / "nope.bin", progress=False)
+    assert "\n" not in str(info.value)
+
+
+def test_progress_bar_runs(http_server: LocalServer, tmp_path: Path):
+    http_server.put("a.bin", _payload(50_000))
+    download_file(f"{http_server.url}/a.bin", tmp_path / "a.bin", progress=True)
+    assert (tmp_path / "a.bin").stat().st_size == 50_000
+
+
+# --------------------------------------------------------------------------------------------
+# zips
+
+
+def test_extract_zip_marks_completed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    archive = tmp_path / "a.zip"
+    archive.write_bytes(_zip_bytes({"d/x.txt": b"hello", "y.txt": b"!"}))
+    out = tmp_path / "out"
+    extract_zip(archive, out)
+    assert (out / "d" / "x.txt").read_bytes() == b"hello" and is_completed(out)
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("must not re-open the archive")
+
+    monkeypatch.setattr(zipfile, "ZipFile", boom)
+    assert extract_zip(archive, out) == out
+
+
+@pytest.mark.parametrize("evil", ["../evil.txt", "/abs/evil.txt", "ok/../../evil.txt", "C:/evil.txt"])
+def test_extract_zip_refuses_zip_slip(tmp_path: Path, evil: str):
+    archive = tmp_path / "evil.zip"
+    archive.write_bytes(_zip_bytes({"fine.txt": b"1", evil: b"2"}))
+    out = tmp_path / "deep" / "out"
+    with pytest.raises(DownloadError, match="unsafe member"):
+        extract_zip(archive, out)
+    assert not (tmp_path / "evil.txt").exists() and not is_completed(out)
+    assert not (out / "fine.txt").exists()  # nothing extracted at all
+
+
+def _split(blob: bytes, folder: Path, stem: str, pieces: int = 3) -> list[Path]:
+    size = -(-len(blob) // pieces)
+    chunks = [blob[i : i + size] for i in range(0, len(blob), size)]
+    names = [f"{stem}.z{i:02d}" for i in range(1, len(chunks))] + [f"{stem}.zip"]
+    paths = []
+    for name, chunk in zip(names, chunks):
+        (folder / name).write_bytes(chunk)
+        paths.append(folder / name)
+    return paths
+
+
+def test_join_multipart_zip(tmp_path: Path):
+    blob = _zip_bytes({f"FSD50K.dev_audio/{i}.wav": os.urandom(2000) for i in range(5)})
+    parts = _split(blob, tmp_path, "FSD50K.dev_audio")
+    out = join_multipart_zip(list(reversed(parts)), tmp_path / "joined.zip")  # order is fixed inside
+    assert out.read_bytes() == blob
+    assert not dl.part_path(out).exists()
+    with zipfile.ZipFile(out) as zf:
+        assert len(zf.namelist()) == 5
+
+
+def test_join_multipart_missing_piece(tmp_path: Path):
+    blob = _zip_bytes({"x": os.urandom(3000)})
+    parts = _split(blob, tmp_path, "a", pieces=3)
+    with pytest.raises(DownloadError, match="incomplete"):
+        join_multipart_zip([parts[1], parts[2]], tmp_path / "joined.zip")
+
+
+@pytest.mark.skipif(shutil.which("zip") is None, reason="`zip` tool not installed")
+def test_join_real_zip_split_archive(tmp_path: Path):
+    src = tmp_path / "src"
+    src.mkdir()
+    # Members smaller than a piece, like FSD50K's clips (zip 3.0 cannot re-join a single member
+    # that spans three pieces, which real data sets never have).
+    names = [f"clip{i}.bin" for i in range(6)]
+    for name in names:
+        (src / name).write_bytes(os.urandom(30_000))
+    subprocess.run(["zip", "-q", "-0", "-s", "64k", str(tmp_path / "split.zip"), *names],
+                   cwd=src, check=True, stdin=subprocess.DEVNULL, timeout=30)
+    parts = sorted(tmp_path.glob("split.z*"))
+    assert len(parts) >= 3 and parts[0].read_bytes()[:4] == b"PK\x07\x08"  # split signature
+    out = join_multipart_zip(parts, tmp_path / "joined.zip")
+    with zipfile.ZipFile(out) as zf:
+        for name in names:
+            assert zf.read(name) == (src / name).read_bytes()
+
+
+# --------------------------------------------------------------------------------------------
+# data sets
+
+
+def test_data_root_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.setenv("M2DX_DATA", str(tmp_path / "env"))
+    assert data_dl.data_root() == tmp_path / "env"
+    assert data_dl.data_root(tmp_path / "x") == tmp_path / "x"
+    monkeypatch.delenv("M2DX_DATA")
+    assert data_dl.data_root() == Path.home() / ".cache" / "m2dx" / "data"
+
+
+def test_resolve_noise_missing_dataset_message(tmp_path: Path):
+    with pytest.raises(DataError) as info:
+        data_dl.resolve_noise("fsd50k", root=tmp_path)
+    message = str(info.value)
+    assert str(tmp_path / "fsd50k") in message
+    assert "m2dx data download fsd50k" in message and "\n" not in message
+    with pytest.raises(DataError, match="not a known noise set"):
+        data_dl.resolve_noise(str(tmp_path / "nowhere"), root=tmp_path)
+    assert data_dl.resolve_noise(str(tmp_path), root=tmp_path) == tmp_path
+
+
+def test_download_esc50_and_resolve(http_server: LocalServer, tmp_path: Path):
+    http_server.put(
+        "ESC-50-master.zip",
+        _zip_bytes({"ESC-50-master/audio/1-1.wav": b"RIFF", "ESC-50-master/meta/esc50.csv": b"x"}),
+    )
+    root = tmp_path / "data"
+    got = data_dl.download_dataset("esc50", root, base_url=http_server.url, progress=False)
+    assert got == (root / "esc50" / "ESC-50-master" / "audio").resolve()
+    assert (got / "1-1.wav").is_file()
+    n = len(http_server.requests)
+    assert data_dl.download_dataset("esc50", root, base_url=http_server.url, progress=False) == got
+    assert len(http_server.requests) == n  # idempotent: no request
+    assert data_dl.resolve_noise("esc50", root=root).resolve() == got
+
+
+def test_download_fsd50k_joins_parts(http_server: LocalServer, tmp_path: Path, monkeypatch):
+    blob = _zip_bytes({f"FSD50K.dev_audio/{i}.wav": os.urandom(1000) for i in range(6)})
+    _split(blob, http_server.root, "FSD50K.dev_audio", pieces=6)
+    monkeypatch.setenv("M2DX_DATA_BASE_URL", http_server.url)
+    root = tmp_path / "data"
+    got = data_dl.download_dataset("fsd50k", root, progress=False)
+    assert sorted(p.name for p in got.iterdir()) == [f"{i}.wav" for i in range(6)]
+    assert {name for name, _ in http_server.requests} == {
+        "FSD50K.dev_audio.zip", *(f"FSD50K.dev_audio.z{i:02d}" for i in range(1, 6))
+    }
+    assert data_dl.resolve_noise("fsd50k", root=root) == root / "fsd50k" / "FSD50K.dev_audio"
+    assert not (root / "fsd50k" / "downloads").exists()  # archives cleaned up
+
+
+def test_download_icbhi_layout(http_server: LocalServer, tmp_path: Path):
+    http_server.put("ICBHI_final_database.zip",
+                    _zip_bytes({"ICBHI_final_database/101_1b1_Al_sc_Meditron.txt": b"0.0\t1.0\t0\t0\n"}))
+    http_server.put("ICBHI_challenge_train_test.txt", b"101_1b1_Al_sc_Meditron\ttest\n")
+    got = data_dl.download_dataset("icbhi", tmp_path, base_url=http_server.url, progress=False)
+    assert (got / "ICBHI_final_database" / "101_1b1_Al_sc_Meditron.txt").is_file()
+    assert (got / "ICBHI_challenge_train_test.txt").is_file()
+
+
+def test_unknown_dataset(tmp_path: Path):
+    with pytest.raises(DataError, match="icbhi, fsd50k, esc50"):
+        data_dl.download_dataset("audioset", tmp_path)
