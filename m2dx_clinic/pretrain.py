@@ -255,7 +255,7 @@ def prepare_data(recipe: PretrainRecipe, frontend: FrontEndConfig, crop_frames: 
                                 progress=progress)
     if bad:
         console.print(f"[yellow]skipped {len(bad)} unreadable file(s) (--skip-bad); first: {bad[0][0].path}: {bad[0][1]}[/]")
-    good = [s for s in segments if not any(s is b for b, _ in bad)]
+    good = cache.last_good_segments  # the segments behind lms_list, same order
     labels, names = None, []
     if recipe.objective.offline_task == "labels":
         raw = [s.label for s in good]
@@ -349,8 +349,12 @@ class Pretrainer:
         self.frontend = FrontEndConfig.for_sample_rate(vit.sample_rate)
         self.crop_frames = vit.input_size[1]
         stats = tuple(meta["norm_stats"]) if "norm_stats" in meta else None
+        if self.ddp.enabled and not self.ddp.is_main:
+            dist.barrier()  # rank 0 fills the log-mel cache first; the others then only read it
         self.data = prepare_data(recipe, self.frontend, self.crop_frames, stats, meta.get("noise_mean"),
                                  progress=self.ddp.is_main)
+        if self.ddp.enabled and self.ddp.is_main:
+            dist.barrier()
         teacher = load_teacher(recipe) if recipe.objective.offline_task == "teacher" else None
         offline_dim = {"teacher": vit.grid_size[0] * vit.embed_dim, "labels": len(self.data.label_names),
                        "none": None}[recipe.objective.offline_task]
@@ -362,6 +366,7 @@ class Pretrainer:
         else:
             self.model = M2D(vit, scratch_predictor_config(recipe.model), offline_dim=offline_dim)
             self.notes = ["trained from scratch (no base checkpoint)"]
+        self.model.norm_stats.copy_(torch.tensor([self.data.mean, self.data.std]))
         if recipe.objective.offline_task == "teacher" and teacher is None:
             teacher = freeze_initial_encoder(self.model, run_dir)
             recipe.objective.teacher = str(teacher.saved_path)
@@ -370,7 +375,6 @@ class Pretrainer:
         if teacher is not None and (teacher.config.input_size[1] != vit.input_size[1]
                                     or teacher.config.patch_size[1] != vit.patch_size[1]):
             raise ConfigError("the teacher must have the same input width and patch width as the model")
-        self.model.norm_stats.copy_(torch.tensor([self.data.mean, self.data.std]))
         self.model.to(self.device)
 
         o = recipe.optim
@@ -563,6 +567,8 @@ class Pretrainer:
                     dist.barrier()
         if logger:
             logger.close()
+        if self.ddp.enabled:
+            dist.destroy_process_group()
         return self.run_dir
 
     def _log_row(self, means: torch.Tensor, lr: float, decay: float, samples_per_s: float) -> dict[str, Any]:

@@ -1,0 +1,391 @@
+"""The `m2dx` command line: parse, validate, call one library function per command.
+
+Every user-caused problem is an `M2DXError`: printed as ONE line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import ConfigError, M2DXError
+
+app = typer.Typer(
+    name="m2dx",
+    help=(
+        "Turn a small collection of body sounds into a strong classifier with M2D / M2D-X.\n\n"
+        "Journey: further-pretrain -> finetune (or tune) -> report.  Try: m2dx quickstart"
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+weights_app = typer.Typer(help="Published M2D checkpoints: list and download.", no_args_is_help=True)
+data_app = typer.Typer(help="Data sets: download and inspect.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+app.add_typer(data_app, name="data")
+
+SET_HELP = "Override any recipe key, e.g. --set optim.epochs=300 (repeatable)."
+
+
+def _console():
+    from .progress import console
+
+    return console
+
+
+def _overrides(pairs: dict[str, object], sets: list[str] | None) -> list[str]:
+    """Typed CLI options become `key=value` overrides (applied before --set, which wins)."""
+    from .config import toml_value
+
+    out = [f"{key}={toml_value(value)}" for key, value in pairs.items() if value is not None]
+    return out + list(sets or [])
+
+
+# ----------------------------------------------------------------------------- pre-training
+@app.command("further-pretrain")
+def further_pretrain_cmd(
+    data: Optional[Path] = typer.Option(None, "--data", help="Your recordings: a folder (recursive) or a CSV with a `path` column."),
+    noise: Optional[str] = typer.Option(None, "--noise", help="Background noise: a folder, a CSV, or `fsd50k` / `esc50` (see `m2dx data download`). Use `none` for no noise."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base checkpoint: a published name, a folder or a .pth file."),
+    recipe: str = typer.Option("icbhi_m2dx", "--recipe", "-r", help="Recipe name in recipes/ or a TOML path."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<recipe>-<time>)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory from its last save."),
+    epochs: Optional[int] = typer.Option(None, help="Number of epochs."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimiser steps (smoke runs)."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Epochs between checkpoints."),
+    min_ds_size: Optional[int] = typer.Option(None, "--min-ds-size", help="Inflate the file list to this many items per epoch."),
+    noise_ratio: Optional[float] = typer.Option(None, "--noise-ratio", help="Noise mixing ratio r."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where named data sets live (default $M2DX_DATA or ~/.cache/m2dx/data)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable audio files instead of stopping."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Further pre-train an M2D checkpoint on your recordings with M2D-X (teacher + noise).
+
+    Example: m2dx further-pretrain --data ./my_sounds --noise fsd50k --out runs/lung
+    """
+    from . import pretrain
+
+    on_save = _progress_report_hook()
+    extra = {"base": base, "data.data": str(data) if data else None, "data.noise": "" if noise == "none" else noise,
+             "run.out": str(out) if out else None, "optim.epochs": epochs, "run.max_steps": max_steps,
+             "run.save_every": save_every, "data.min_ds_size": min_ds_size, "data.noise_ratio": noise_ratio,
+             "optim.batch_size": batch_size, "run.device": device,
+             "data.data_root": str(data_root) if data_root else None, "data.skip_bad": True if skip_bad else None}
+    overrides = _overrides(extra, sets)
+    if resume is not None:
+        run_dir = pretrain.resume_run(resume, overrides, on_save=on_save)
+    else:
+        from .config import load_recipe
+
+        run_dir = pretrain.start_run(load_recipe(pretrain.PretrainRecipe, recipe, overrides), on_save=on_save)
+    _console().print(f"[green]done[/]: checkpoints, metrics.jsonl and report/ in {run_dir}")
+
+
+@app.command("pretrain")
+def pretrain_cmd(
+    data: Optional[Path] = typer.Option(None, "--data", help="Training audio: folder or CSV (with `label` for the labels task)."),
+    recipe: str = typer.Option("audioset_m2d", "--recipe", "-r", help="Recipe name or TOML path."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o"),
+    resume: Optional[Path] = typer.Option(None, "--resume"),
+    nproc: int = typer.Option(1, "--nproc", help="Processes (GPUs) on this machine; >1 launches torchrun (DDP)."),
+    device: Optional[str] = typer.Option(None, "--device"),
+    epochs: Optional[int] = typer.Option(None),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps"),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Pre-train M2D from scratch (the AudioSet recipe), on one or several GPUs through torchrun.
+
+    Example: m2dx pretrain --recipe audioset_m2d --data audioset.csv --nproc 8
+    """
+    if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "m2dx_clinic", *_without_option(sys.argv[1:], "--nproc")]
+        raise typer.Exit(subprocess.call(cmd))
+    from . import pretrain
+    from .config import load_recipe
+
+    extra = {"data.data": str(data) if data else None, "run.out": str(out) if out else None,
+             "run.device": device, "optim.epochs": epochs, "run.max_steps": max_steps}
+    overrides = _overrides(extra, sets)
+    if resume is not None:
+        run_dir = pretrain.resume_run(resume, overrides)
+    else:
+        run_dir = pretrain.start_run(load_recipe(pretrain.PretrainRecipe, recipe, overrides))
+    if int(os.environ.get("RANK", "0")) == 0:
+        _console().print(f"[green]done[/]: {run_dir}")
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """argv minus `--opt VALUE` / `--opt=VALUE` (to re-launch the same command under torchrun)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
+
+
+def _progress_report_hook():
+    """After each published save, refresh the cheap report (never blocks or fails training)."""
+    from .reporting import update_progress_report
+
+    return lambda checkpoint_path: update_progress_report(checkpoint_path.parent.parent)
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+@app.command("finetune")
+def finetune_cmd(
+    task: str = typer.Option("icbhi", "--task", help="icbhi | sprsound | csv"),
+    data: Path = typer.Option(..., "--data", help="ICBHI / SPRSound folder, or a CSV manifest for --task csv."),
+    checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="Checkpoint: published name, folder or .pth."),
+    recipe: str = typer.Option("icbhi_finetune", "--recipe", "-r"),
+    params: Optional[Path] = typer.Option(None, "--params", help="best.toml from `m2dx tune`."),
+    normal_class: Optional[str] = typer.Option(None, "--normal-class", help="Class counted for Specificity."),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="Independent runs; reports mean ± 95% CI."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    selection: Optional[str] = typer.Option(None, "--selection", help="val (default) | test-best (literature protocol, optimistic)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs"),
+    device: Optional[str] = typer.Option(None, "--device"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o"),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Fine-tune and report ICBHI-style Sensitivity / Specificity / Score.
+
+    Example: m2dx finetune --task icbhi --data ICBHI/ --checkpoint runs/lung/m2d_x_vit_base-80x200p16x4p16k-261126
+    """
+    from .config import load_recipe
+    from .finetune import FinetuneRecipe, finetune, load_params_toml
+
+    if selection not in (None, "val", "test-best"):
+        raise ConfigError(f"--selection must be val or test-best, got {selection!r}")
+    from_params = load_params_toml(params) if params else []
+    extra = {"run.repeats": repeats, "run.seed": seed, "run.selection": selection, "optim.epochs": epochs,
+             "run.device": device, "run.out": str(out) if out else None}
+    rec = load_recipe(FinetuneRecipe, recipe, [*from_params, *_overrides(extra, sets)])
+    result = finetune(rec, task=task, data=data, checkpoint=checkpoint, normal_class=normal_class)
+    _console().print(f"[green]done[/]: metrics.json, predictions.csv and plots in {result.run_dir}")
+
+
+@app.command("tune")
+def tune_cmd(
+    task: str = typer.Option("icbhi", "--task"),
+    data: Path = typer.Option(..., "--data"),
+    checkpoint: str = typer.Option(..., "--checkpoint", "-c"),
+    recipe: str = typer.Option("icbhi_tune", "--recipe", "-r", help="Tune recipe (search space) name or TOML path; `tiny` = tiny_tune."),
+    trials: Optional[int] = typer.Option(None, "--trials", help="Target number of finished trials in the study."),
+    timeout: Optional[str] = typer.Option(None, "--timeout", help="Wall-clock limit of this invocation, e.g. 8h, 30m, 3600."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default sqlite:///OUT/optuna.db; postgresql://... to share)."),
+    study: Optional[str] = typer.Option(None, "--study", help="Study name (default from the task and recipe)."),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="Seeds per trial (averaged)."),
+    pruner: Optional[str] = typer.Option(None, "--pruner", help="median | hyperband | wilcoxon | none"),
+    normal_class: Optional[str] = typer.Option(None, "--normal-class"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o"),
+    no_final_test: bool = typer.Option(False, "--no-final-test", help="Skip the final test-split run with the best parameters."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="Override fine-tuning recipe keys for every trial."),
+) -> None:
+    """Tune fine-tuning hyper-parameters with Optuna on the subject-disjoint validation split.
+
+    Re-running the same command resumes the study. Example: m2dx tune --task icbhi --data ICBHI/ -c CKPT --trials 50 --timeout 8h
+    """
+    from .tuning import parse_duration, tune
+
+    name = {"tiny": "tiny_tune"}.get(recipe, recipe)
+    result = tune(task=task, data=data, checkpoint=checkpoint, tune_recipe=name, trials=trials,
+                  timeout=parse_duration(timeout), storage=storage, study_name=study, out=out, repeats=repeats,
+                  pruner=pruner, normal_class=normal_class, overrides=list(sets or []), final_test=not no_final_test)
+    _console().print(f"[green]done[/]: best.toml, trials.csv and plots in {result.out_dir}")
+
+
+# ----------------------------------------------------------------------------- report
+@app.command("report")
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="A further-pretrain run directory."),
+    task: Optional[str] = typer.Option(None, "--task", help="Labelled task for --probe / --finetune."),
+    data: Optional[Path] = typer.Option(None, "--data"),
+    probe: bool = typer.Option(False, "--probe", help="Linear probe per checkpoint (validation Sp/Se/Score)."),
+    finetune: bool = typer.Option(False, "--finetune", help="Full fine-tune per checkpoint (slow; the paper's Fig. 5 view)."),
+    finetune_recipe: str = typer.Option("tiny_finetune", "--finetune-recipe"),
+    normal_class: Optional[str] = typer.Option(None, "--normal-class"),
+) -> None:
+    """Report how every checkpoint of a run is doing, and recommend one.
+
+    Example: m2dx report runs/lung --task icbhi --data ICBHI/ --probe
+    """
+    from .progress import console
+    from .reporting import build_report, render_report_table
+
+    if (probe or finetune) and (task is None or data is None):
+        raise ConfigError("--probe and --finetune need --task and --data (the labelled data to score on)")
+    report = build_report(run_dir, task=task, data=data, probe=probe, finetune=finetune,
+                          finetune_recipe=finetune_recipe, normal_class=normal_class)
+    console.print(render_report_table(report))
+    rec = report.get("recommendation") or {}
+    if rec.get("epoch") is not None:
+        console.print(f"recommended: epoch {rec['epoch']} ({rec.get('checkpoint')}): {rec.get('reason')}")
+    for warning in rec.get("warnings", []):
+        console.print(f"[yellow]warning: {warning}[/]")
+    console.print(f"[green]report[/]: {Path(run_dir) / 'report' / 'report.html'}")
+
+
+# ----------------------------------------------------------------------------- embed
+@app.command("embed")
+def embed_cmd(
+    inputs: list[Path] = typer.Argument(..., help="Audio files or folders."),
+    checkpoint: str = typer.Option(..., "--checkpoint", "-c"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder for <stem>.npy files."),
+    clip: bool = typer.Option(False, "--clip", help="One clip embedding [F*D] per file instead of frames [T, F*D]."),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Write M2D features of audio files as .npy (frames, or one clip vector with --clip).
+
+    Example: m2dx embed -c m2d_vit_base-80x200p16x4-230529 -o feats/ recordings/
+    """
+    from .embed import embed_files
+
+    result = embed_files(checkpoint, inputs, out, clip=clip, device=device)
+    console = _console()
+    for note in result.notes:
+        console.print(f"[dim]{note}[/]")
+    console.print(f"wrote {len(result.written)} file(s) to {out}")
+    if result.failed:
+        for path, problem in result.failed:
+            print(f"failed: {path}: {problem}", file=sys.stderr)
+        raise typer.Exit(2)
+
+
+# ----------------------------------------------------------------------------- weights
+@weights_app.command("list")
+def weights_list_cmd() -> None:
+    """Show the published M2D checkpoints.
+
+    Example: m2dx weights list
+    """
+    from rich.table import Table
+
+    from .registry import PUBLISHED_WEIGHTS, weights_cache_dir
+
+    table = Table(title=f"Published M2D weights (cache: {weights_cache_dir()})")
+    for col in ("name", "input", "patch", "rate", "purpose", "url"):
+        table.add_column(col, overflow="fold")
+    for w in PUBLISHED_WEIGHTS:
+        table.add_row(w.name, f"{w.input_size[0]}x{w.input_size[1]}", f"{w.patch_size[0]}x{w.patch_size[1]}",
+                      f"{w.sample_rate // 1000} kHz", w.purpose, w.url)
+    _console().print(table)
+
+
+@weights_app.command("download")
+def weights_download_cmd(
+    name: str = typer.Argument(..., help="A name from `m2dx weights list`."),
+    dir: Optional[Path] = typer.Option(None, "--dir", help="Destination (default $M2DX_WEIGHTS or ~/.cache/m2dx/weights)."),
+    sha256: Optional[str] = typer.Option(None, "--sha256", help="Expected sha256 of the zip, if you have it."),
+) -> None:
+    """Download and unzip a published checkpoint (resumable, verified).
+
+    Example: m2dx weights download m2d_vit_base-80x200p16x4-230529
+    """
+    from .registry import download_weights
+
+    path = download_weights(name, dir, expected_sha256=sha256)
+    _console().print(f"[green]ready[/]: {path}")
+
+
+# ----------------------------------------------------------------------------- data
+@data_app.command("download")
+def data_download_cmd(
+    name: str = typer.Argument(..., help="icbhi | fsd50k | esc50"),
+    root: Optional[Path] = typer.Option(None, "--root", "--data-root", help="Data root (default $M2DX_DATA or ~/.cache/m2dx/data)."),
+) -> None:
+    """Download and verify a data set (resumable; FSD50K's multi-part zip is joined).
+
+    Example: m2dx data download fsd50k
+    """
+    from .data.downloads import DATASETS, download_dataset
+
+    if name not in DATASETS:
+        raise ConfigError(f"unknown data set {name!r}; choose one of: {', '.join(DATASETS)}")
+    spec = DATASETS[name]
+    _console().print(f"{spec.description}\nterms: {spec.terms}")
+    path = download_dataset(name, root)
+    _console().print(f"[green]ready[/]: {path}")
+
+
+@data_app.command("inspect")
+def data_inspect_cmd(
+    task: str = typer.Option("icbhi", "--task", help="icbhi | sprsound | csv"),
+    data: Path = typer.Option(..., "--data"),
+    normal_class: Optional[str] = typer.Option(None, "--normal-class"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts instead of tables."),
+) -> None:
+    """Recordings, subjects, cycles per class per split, durations, sample rates, missing audio.
+
+    Example: m2dx data inspect --task icbhi --data ICBHI/
+    """
+    import json
+
+    from .data.inspect import inspect_task, print_inspect
+    from .data.tasks import load_task
+
+    info = inspect_task(load_task(task, data, normal_class=normal_class))
+    if as_json:
+        print(json.dumps(info, indent=2))
+    else:
+        print_inspect(info)
+
+
+@data_app.command("export")
+def data_export_cmd(
+    task: str = typer.Option("icbhi", "--task", help="icbhi | sprsound | csv"),
+    data: Path = typer.Option(..., "--data"),
+    out: Path = typer.Option(..., "--out", "-o", help="CSV file to write."),
+    split: Optional[list[str]] = typer.Option(None, "--split", help="Only these splits (train / test); repeatable."),
+    recordings: bool = typer.Option(False, "--recordings", help="One row per audio file (a further-pretrain manifest)."),
+) -> None:
+    """Write a task as a CSV manifest: labelled cycles for `--task csv`, or recordings for further-pretrain.
+
+    Example: m2dx data export --task icbhi --data ICBHI/ --split train --recordings -o icbhi_train.csv
+    """
+    from .data.tasks import export_manifest, load_task
+
+    td = load_task(task, data)
+    path = export_manifest(td, out, splits=split or ("train", "val", "test"), recordings=recordings)
+    _console().print(f"[green]wrote[/] {path}")
+
+
+# ----------------------------------------------------------------------------- quickstart
+@app.command("quickstart")
+def quickstart_cmd(
+    out: Path = typer.Option(Path("m2dx_quickstart"), "--out", "-o", help="Where the demo data and runs go."),
+    data: Optional[Path] = typer.Option(None, "--data", help="An ICBHI-layout folder to use instead of the generated demo recordings."),
+    noise: Optional[Path] = typer.Option(None, "--noise", help="A noise folder instead of the bundled clips."),
+) -> None:
+    """The whole journey on a laptop in minutes: further-pretrain -> finetune -> report (tiny model, CPU).
+
+    Example: m2dx quickstart --out /tmp/m2dx_demo
+    """
+    from .quickstart import run_quickstart
+
+    run_quickstart(out, data=data, noise=noise)
+
+
+def main() -> None:
+    """Entry point: user errors become one line + exit 2; Ctrl-C exits 130 with a hint."""
+    try:
+        app()
+    except M2DXError as exc:
+        message = " ".join(str(exc).split())
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; a further-pretrain run continues with --resume RUN_DIR", file=sys.stderr)
+        sys.exit(130)

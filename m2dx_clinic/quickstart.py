@@ -1,0 +1,89 @@
+"""The first ten minutes: the whole journey on any laptop, no GPU, no internet.
+
+1. generate respiratory-like example recordings in the ICBHI layout (deterministic, licence-clean)
+2. further pre-train a tiny M2D-X on them with the bundled CC0 background noise (`tiny_cpu` recipe)
+3. fine-tune the last checkpoint and report Sensitivity / Specificity / Score (`tiny_finetune`)
+4. build the checkpoint-progress report with a linear probe per checkpoint
+
+The same library calls take real data: pass `data=` an ICBHI-layout folder (and `noise=`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from . import checkpoint as ckpt_io
+from .config import load_recipe
+from .demo_data import demo_noise_dir, make_demo_icbhi
+from .errors import ConfigError
+from .finetune import FinetuneRecipe, finetune
+from .pretrain import PretrainRecipe, latest_resume_point, resume_run, start_run
+from .progress import console
+from .reporting import build_report, render_report_table
+
+
+def run_quickstart(out: Path, *, data: Path | None = None, noise: Path | None = None,
+                   progress: bool = True) -> dict[str, Path]:
+    """Run the journey into `out` and return the paths of what it wrote. Re-running reuses finished steps."""
+    out = Path(out)
+    t0 = time.perf_counter()
+    if data is None:
+        data = out / "demo_icbhi"
+        if not (data / "ICBHI_challenge_train_test.txt").is_file():
+            console.rule("1/4  example recordings")
+            make_demo_icbhi(data)
+            console.print(f"generated ICBHI-format example recordings in {data}")
+    audio_dir = data / "ICBHI_final_database" if (data / "ICBHI_final_database").is_dir() else data
+    noise = noise or demo_noise_dir()
+
+    console.rule("2/4  further pre-training (tiny M2D-X, CPU)")
+    run_dir = out / "further_pretrain"
+    overrides = [f"data.data={audio_dir}", f"data.noise={noise}", f"run.out={run_dir}",
+                 f"data.cache_dir={out / 'cache'}"]
+    recipe = load_recipe(PretrainRecipe, "tiny_cpu", overrides)
+    if not (run_dir / "recipe.toml").is_file():
+        start_run(recipe, on_save=_report_hook(), progress=progress)
+    elif _unfinished(run_dir, recipe.optim.epochs):
+        resume_run(run_dir, progress=progress)
+    checkpoints = ckpt_io.list_checkpoints(run_dir)
+    if not checkpoints:
+        raise ConfigError(f"{run_dir}: the pre-training run saved no checkpoint")
+    last_epoch, last_ckpt = checkpoints[-1]
+
+    console.rule("3/4  fine-tuning with ICBHI-style scores")
+    ft_dir = out / "finetune"
+    if not (ft_dir / "metrics.json").is_file():
+        ft_recipe = load_recipe(FinetuneRecipe, "tiny_finetune", [f"run.out={ft_dir}",
+                                                                   f"data.cache_dir={out / 'cache'}"])
+        finetune(ft_recipe, task="icbhi", data=data, checkpoint=last_ckpt, progress=progress)
+
+    console.rule("4/4  checkpoint-progress report")
+    report = build_report(run_dir, task="icbhi", data=data, probe=True, progress=progress)
+    console.print(render_report_table(report))
+
+    paths = {
+        "data": data,
+        "pretrain_run": run_dir,
+        "checkpoint": last_ckpt,
+        "finetune_run": ft_dir,
+        "metrics": ft_dir / "metrics.json",
+        "predictions": ft_dir / "predictions.csv",
+        "report": run_dir / "report" / "report.html",
+    }
+    console.rule(f"done in {time.perf_counter() - t0:.0f} s")
+    for name, path in paths.items():
+        console.print(f"  {name:<13} {path}")
+    console.print("Next: the same commands on your data, see examples/02_own_recordings.sh")
+    return paths
+
+
+def _unfinished(run_dir: Path, epochs: int) -> bool:
+    point = latest_resume_point(run_dir)
+    return point is None or (ckpt_io.LoadedCheckpoint(point).epoch or 0) < epochs
+
+
+def _report_hook():
+    from .reporting import update_progress_report
+
+    return lambda path: update_progress_report(path.parent.parent)

@@ -1,0 +1,193 @@
+"""The further-pretraining loop: runs, checkpoints, exact resume, accumulation, DDP, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from m2dx_clinic import checkpoint as ckpt_io
+from m2dx_clinic.config import load_recipe
+from m2dx_clinic.demo_data import demo_noise_dir, make_demo_icbhi
+from m2dx_clinic.errors import ConfigError, DataError
+from m2dx_clinic.models.m2d import M2D, PredictorConfig
+from m2dx_clinic.models.vit import AudioViT, ViTConfig
+from m2dx_clinic.objectives import TeacherTask
+from m2dx_clinic.pretrain import PretrainRecipe, m2dx_losses, resume_run, start_run
+
+M2DX = [sys.executable, "-m", "m2dx_clinic"]
+
+
+@pytest.fixture(scope="module")
+def demo_audio(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_icbhi(root, num_patients=4, recordings_per_patient=1, seconds=6)
+    return root / "ICBHI_final_database"
+
+
+def tiny_recipe(tmp: Path, audio: Path, *extra: str) -> PretrainRecipe:
+    return load_recipe(PretrainRecipe, "tiny_cpu", [
+        f"data.data={audio}", f"data.noise={demo_noise_dir()}", f"run.out={tmp / 'run'}",
+        f"data.cache_dir={tmp / 'cache'}", "data.min_ds_size=32", "data.norm_stats_samples=64",
+        "optim.batch_size=8", "optim.accum_steps=2", "run.log_every=1", *extra])
+
+
+def test_two_epochs_write_published_checkpoints_that_load(tmp_path, demo_audio):
+    run = start_run(tiny_recipe(tmp_path, demo_audio), progress=False)
+    found = ckpt_io.list_checkpoints(run)
+    assert [e for e, _ in found] == [1, 2]
+    folder = found[-1][1].parent.name
+    # the published convention: <model>-<F>x<T>p<pf>x<pt>p16k-<yymmdd>; the reference parser splits on '-' and 'p'
+    size, patch, rate = folder.split("-")[1].split("p")[:3]
+    assert (size, patch, rate) == ("80x200", "16x4", "16k")
+    encoder = ckpt_io.load_encoder(found[-1][1])
+    raw = ckpt_io.load_checkpoint_file(found[-1][1])
+    assert {"model", "optimizer", "epoch", "scaler", "args"} <= set(raw)
+    assert raw["epoch"] == 2
+    assert "offline_predictor.weight" in raw["model"] and "target_blocks.0.norm1.weight" in raw["model"]
+    # norm_stats are the data set's, not AudioSet's defaults
+    assert tuple(encoder.norm_stats.tolist()) != (-7.1, 4.2)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    ends = [r for r in rows if r.get("epoch_end")]
+    assert [r["epoch"] for r in ends] == [1, 2]
+    assert all(k in rows[0] for k in ("loss", "loss_m2d", "loss_offline", "lr", "ema_decay", "samples_per_s"))
+    assert (run / "recipe.toml").is_file() and (run / "environment.json").is_file()
+    # the resolved recipe reloads as a recipe
+    again = load_recipe(PretrainRecipe, run / "recipe.toml")
+    assert again.optim.batch_size == 8
+
+
+def test_resume_continues_exactly(tmp_path, demo_audio):
+    full = start_run(tiny_recipe(tmp_path / "a", demo_audio, "optim.epochs=3", "run.save_every=3"), progress=False)
+    # the same run cut after epoch 1 (as if killed during epoch 2), then resumed
+    cut = tmp_path / "b"
+    recipe = tiny_recipe(cut, demo_audio, "optim.epochs=3", "run.save_every=3")
+    from m2dx_clinic.pretrain import Pretrainer
+
+    trainer = Pretrainer(recipe, cut / "run")
+    from m2dx_clinic.config import save_resolved
+
+    save_resolved(recipe, cut / "run" / "recipe.toml")
+    recipe.optim.epochs = 3
+    trainer.recipe.run.max_steps = 2  # one epoch = 2 optimiser steps (32 items / (8 x 2))
+    trainer.train(progress=False)
+    assert (cut / "run" / "state" / "last.pth").is_file() or ckpt_io.list_checkpoints(cut / "run")
+    # resume from the saved state of epoch 1 (max_steps is a run option; the resumed run has none)
+    resumed = resume_run(cut / "run", ["run.max_steps=0"], progress=False)
+    a = ckpt_io.LoadedCheckpoint(ckpt_io.list_checkpoints(full)[-1][1])
+    b = ckpt_io.LoadedCheckpoint(ckpt_io.list_checkpoints(resumed)[-1][1])
+    assert a.epoch == b.epoch == 3
+    for key, value in a.state.items():
+        assert torch.equal(value, b.state[key]), key
+
+
+def test_grad_accumulation_matches_one_big_batch():
+    torch.manual_seed(0)
+    cfg = ViTConfig(embed_dim=64, depth=2, num_heads=4)
+    teacher = TeacherTask(AudioViT(cfg))
+    model = M2D(cfg, PredictorConfig(64, 1, 4), offline_dim=teacher.out_dim)
+    x = torch.randn(8, 1, 80, 200)
+
+    def grads(chunks: int) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        torch.manual_seed(123)  # the same masks: rand(8, L) == two rand(4, L) draws in sequence
+        for part in x.chunk(chunks):
+            losses = m2dx_losses(model, model, teacher, part, part, {}, mask_ratio=0.7, lambda_m2d=1.0,
+                                 lambda_off=1.0, amp_dtype=None)
+            (losses["loss"] / chunks).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    one, two = grads(1), grads(2)
+    assert one.keys() == two.keys() and one
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bad_data_folder_and_missing_noise_fail_before_training(tmp_path, demo_audio):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError):
+        start_run(tiny_recipe(tmp_path, empty), progress=False)
+    recipe = tiny_recipe(tmp_path, demo_audio, "data.noise=fsd50k", f"data.data_root={tmp_path / 'root'}")
+    with pytest.raises(DataError, match="m2dx data download fsd50k"):
+        start_run(recipe, progress=False)
+    assert not ckpt_io.list_checkpoints(tmp_path / "run")
+    with pytest.raises(ConfigError):
+        start_run(tiny_recipe(tmp_path, demo_audio, "objective.mask_ratio=1.5"), progress=False)
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
+    bad = tmp_path / "sounds"
+    bad.mkdir()
+    (bad / "broken.wav").write_bytes(b"RIFF....not audio")
+    proc = subprocess.run([*M2DX, "further-pretrain", "--recipe", "tiny_cpu", "--data", str(bad), "--noise", "none",
+                           "--out", str(tmp_path / "run"), "--set", f"data.cache_dir={tmp_path / 'cache'}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: ") and "broken.wav" in lines[-1] and "--skip-bad" in lines[-1]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_kill_9_mid_epoch_then_resume(tmp_path, demo_audio):
+    out = tmp_path / "run"
+    args = [*M2DX, "further-pretrain", "--recipe", "tiny_cpu", "--data", str(demo_audio),
+            "--noise", str(demo_noise_dir()), "--out", str(out), "--epochs", "6", "--save-every", "1",
+            "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.min_ds_size=64"]
+    env = {**os.environ, "M2DX_NO_PROGRESS": "1"}
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(ckpt_io.list_checkpoints(out)) < 2:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = [e for e, _ in ckpt_io.list_checkpoints(out)]
+    assert saved and max(saved) < 6, "the run should have been killed before finishing"
+    for _, path in ckpt_io.list_checkpoints(out):
+        ckpt_io.load_encoder(path)  # every file on disk is complete (atomic writes)
+    done = subprocess.run([*M2DX, "further-pretrain", "--resume", str(out)], capture_output=True, text=True,
+                          timeout=400, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [e for e, _ in ckpt_io.list_checkpoints(out)] == [1, 2, 3, 4, 5, 6]
+    epochs = [json.loads(l)["epoch"] for l in (out / "metrics.jsonl").read_text().splitlines()
+              if '"epoch_end": true' in l]
+    assert epochs[-1] == 6
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu(tmp_path, demo_audio):
+    out = tmp_path / "ddp"
+    proc = subprocess.run([*M2DX, "pretrain", "--recipe", "tiny_cpu", "--nproc", "2", "--data", str(demo_audio),
+                           "--out", str(out), "--epochs", "1", "--device", "cpu",
+                           "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.min_ds_size=32",
+                           "--set", "optim.batch_size=4", "--set", "data.noise=\"\""],
+                          capture_output=True, text=True, timeout=400,
+                          env={**os.environ, "M2DX_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = ckpt_io.list_checkpoints(out)
+    assert [e for e, _ in found] == [1]
+    env_facts = json.loads((out / "environment.json").read_text())
+    assert env_facts["world_size"] == 2
+    ckpt_io.load_encoder(found[0][1])
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_further_pretrain_on_shared_icbhi_two_epochs(tmp_path, icbhi_dir, noise_dir):
+    proc = subprocess.run([*M2DX, "further-pretrain", "--recipe", "tiny_cpu",
+                           "--data", str(icbhi_dir / "ICBHI_final_database"), "--noise", str(noise_dir / "esc10"),
+                           "--out", str(tmp_path / "run"), "--set", f"data.cache_dir={tmp_path / 'cache'}"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "M2DX_NO_PROGRESS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = ckpt_io.list_checkpoints(tmp_path / "run")
+    assert [e for e, _ in found] == [1, 2]
+    assert (tmp_path / "run" / "report" / "report.json").is_file()  # the cheap report refreshed at each save
+    ckpt_io.load_encoder(found[-1][1])
