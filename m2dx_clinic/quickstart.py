@@ -39,8 +39,10 @@ def run_quickstart(out: Path, *, data: Path | None = None, noise: Path | None = 
 
     console.rule("2/4  further pre-training (tiny M2D-X, CPU)")
     run_dir = out / "further_pretrain"
+    # tiny_cpu, run a little longer so the curves and the report have something to show (~30 s)
     overrides = [f"data.data={audio_dir}", f"data.noise={noise}", f"run.out={run_dir}",
-                 f"data.cache_dir={out / 'cache'}"]
+                 f"data.cache_dir={out / 'cache'}", "optim.epochs=10", "optim.warmup_epochs=2",
+                 "run.save_every=5", "data.min_ds_size=256"]
     recipe = load_recipe(PretrainRecipe, "tiny_cpu", overrides)
     if not (run_dir / "recipe.toml").is_file():
         start_run(recipe, on_save=_report_hook(), progress=progress)
