@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--amp", choices=["bf16", "fp16", "off"], default="bf16")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    ap.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU for MFU")
     args = ap.parse_args()
@@ -90,9 +91,9 @@ def main() -> None:
     if args.offline == "teacher":
         teacher_task = TeacherTask(AudioViT(vit).to(device))
     model = M2D(vit, pred, offline_dim=teacher_task.out_dim if teacher_task else None).to(device)
-    forward_model = torch.compile(model) if args.compile else model
+    forward_model = torch.compile(model, mode=args.compile_mode) if args.compile else model
     if teacher_task is not None and args.compile:
-        teacher_task.teacher.encode_lms = torch.compile(teacher_task.teacher.encode_lms)
+        teacher_task.teacher.encode_lms = torch.compile(teacher_task.teacher.encode_lms, mode=args.compile_mode)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp] if device.type == "cuda" else None
     use_fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=use_fused)
@@ -136,7 +137,7 @@ def main() -> None:
                   f"predictor d{args.predictor_dim} L{args.predictor_depth}, offline={args.offline}, mask {args.mask_ratio}",
         "batch": args.batch,
         "amp": args.amp if device.type == "cuda" else "fp32",
-        "compile": args.compile,
+        "compile": args.compile and args.compile_mode,
         "steps": args.steps,
         "samples_per_s": round(samples_per_s, 2),
         "step_ms": round(step_s * 1000, 2),

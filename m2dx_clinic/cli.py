@@ -276,12 +276,19 @@ def weights_list_cmd() -> None:
     from .registry import PUBLISHED_WEIGHTS, weights_cache_dir
 
     table = Table(title=f"Published M2D weights (cache: {weights_cache_dir()})")
-    for col in ("name", "input", "patch", "rate", "purpose", "url"):
-        table.add_column(col, overflow="fold")
+    table.add_column("name", no_wrap=True)
+    table.add_column("input")
+    table.add_column("patch")
+    table.add_column("rate")
+    table.add_column("what it is for", overflow="fold")
     for w in PUBLISHED_WEIGHTS:
         table.add_row(w.name, f"{w.input_size[0]}x{w.input_size[1]}", f"{w.patch_size[0]}x{w.patch_size[1]}",
-                      f"{w.sample_rate // 1000} kHz", w.purpose, w.url)
-    _console().print(table)
+                      f"{w.sample_rate // 1000} kHz", w.purpose)
+    console = _console()
+    console.print(table)
+    console.print("Download URLs (m2dx weights download NAME fetches and unzips them):")
+    for w in PUBLISHED_WEIGHTS:
+        console.print(w.url, soft_wrap=True, highlight=False)
 
 
 @weights_app.command("download")
