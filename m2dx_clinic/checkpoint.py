@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import os
 import pickle
 import re
 from dataclasses import asdict
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError
+from .fileio import atomic_torch_save as atomic_torch_save  # re-exported: callers and tests save checkpoints from here
 from .models.m2d import M2D, PredictorConfig
 from .models.vit import DEFAULT_NORM_STATS, AudioViT, ViTConfig, is_encoder_key
 from .registry import parse_geometry_from_name, resolve_checkpoint
@@ -247,23 +247,6 @@ def checkpoint_folder_name(config: ViTConfig, offline: bool, date: _dt.date | No
     if tag:
         name += "-" + re.sub(r"[^A-Za-z0-9_.]+", "_", tag)
     return name
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """torch.save to a temporary file in the same folder, fsync, then rename: never half a checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def to_namespace(values: dict[str, Any]) -> argparse.Namespace:

@@ -9,7 +9,6 @@ instead of silently training with a default. `dump_toml` writes the resolved cop
 from __future__ import annotations
 
 import dataclasses
-import os
 import tomllib
 import types
 import typing
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import ConfigError
+from .fileio import atomic_write_text as atomic_write_text  # save_resolved; re-exported for older importers
 
 T = TypeVar("T")
 
@@ -230,19 +230,6 @@ def dump_toml(values: dict[str, Any], header: str = "") -> str:
 
     emit(values, "")
     return "\n".join(lines).lstrip("\n") + "\n"
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write via a temporary file + rename so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
 
 
 def save_resolved(recipe: Any, path: str | Path, header: str = "") -> Path:

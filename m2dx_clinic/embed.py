@@ -9,7 +9,6 @@ audio problems are collected and reported, every other file is still written.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from .audio import FrontEndConfig, LogMelSpectrogram, list_audio_files, load_audio
 from .checkpoint import load_encoder
 from .errors import AudioError
+from .fileio import atomic_save_npy
 from .models.vit import AudioViT
 
 
@@ -120,20 +120,6 @@ def output_names(files: list[Path]) -> tuple[list[str], list[str]]:
     return names, notes
 
 
-def save_npy_atomic(array: np.ndarray, path: Path) -> Path:
-    """np.save via a temporary file + os.replace, so an interrupted run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
 def embed_files(
     checkpoint: str | Path,
     inputs: list[Path],
@@ -175,7 +161,7 @@ def embed_files(
             if clip:
                 features = features.mean(dim=0)
         array = features.float().cpu().numpy().astype(np.float32, copy=False)
-        result.written.append(save_npy_atomic(array, out_dir / name))
+        result.written.append(atomic_save_npy(out_dir / name, array))  # an interrupted run leaves no half file
 
     if progress and files:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -24,10 +24,8 @@ import hashlib
 import io
 import json
 import math
-import os
 import time
 import tomllib
-import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -41,11 +39,12 @@ import torch
 import torch.nn.functional as F
 
 from .audio import FrontEndConfig, LogMelSpectrogram
-from .checkpoint import atomic_torch_save, load_encoder
-from .config import atomic_write_text, save_resolved, to_dict
+from .checkpoint import load_encoder
+from .config import save_resolved, to_dict
 from .data.icbhi import load_cycle
 from .data.tasks import LabelledItem, TaskData, load_task, resolve_normal_class
 from .errors import ConfigError, DataError
+from .fileio import atomic_save_npy, atomic_savefig, atomic_torch_save, atomic_write_json, atomic_write_text
 from .metrics import aggregate_runs, icbhi_scores
 from .models.classifier import Classifier
 from .models.vit import AudioViT
@@ -297,18 +296,6 @@ def cycle_key(item: LabelledItem, frontend: FrontEndConfig, length_s: float, pad
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 # Stacked log-mel per list of items, kept across calls in this process (tuning trials, repeats).
 _MEMORY_CACHE: "OrderedDict[str, torch.Tensor]" = OrderedDict()
 MEMORY_CACHE_ENTRIES = 6
@@ -361,7 +348,7 @@ def prepare_cycles(
             lms = mel(wave)
         out[index] = lms
         if entry is not None:
-            _save_npy_atomic(entry, lms.numpy().astype(np.float32, copy=False))
+            atomic_save_npy(entry, lms.numpy().astype(np.float32, copy=False))
 
     with _progress_bar(progress) as bar:
         task = bar.add_task(description, total=len(items), status="")
@@ -730,22 +717,6 @@ def run_repeat(
 
 
 # ---------------------------------------------------------------------------- outputs
-def _jsonable(value: Any) -> Any:
-    """NaN/Inf -> null, numpy scalars -> Python, dict keys -> str: strict JSON that every reader accepts."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def _named_metrics(metrics: dict[str, Any] | None, classes: list[str]) -> dict[str, Any] | None:
     if metrics is None:
         return None
@@ -799,15 +770,6 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
-def _save_png(fig: Any, path: Path) -> None:
-    """Render to memory then write atomically, so a half-drawn PNG never appears."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
-
-
 def plot_confusion(matrix: np.ndarray, classes: list[str], title: str, path: Path) -> None:
     import matplotlib
 
@@ -826,7 +788,7 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], title: str, path: Pat
         for j in range(matrix.shape[1]):
             ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center",
                     color="white" if peak and matrix[i, j] > peak / 2 else "black")
-    _save_png(fig, path)
+    atomic_savefig(fig, path, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -858,7 +820,7 @@ def plot_learning_curves(epochs: pd.DataFrame, title: str, path: Path) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    _save_png(fig, path)
+    atomic_savefig(fig, path, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -1044,7 +1006,7 @@ def finetune(
         "environment": environment_facts(),
         "metrics_note": "fractions in [0, 1]; recompute from predictions.csv (pred_index vs true_index per repeat and split)",
     }
-    atomic_write_text(run_dir / "metrics.json", json.dumps(_jsonable(metrics), indent=2))
+    atomic_write_json(run_dir / "metrics.json", metrics, end="")
 
     total_cm = sum(np.asarray((o.test if scored_test else o.val)["confusion_matrix"]) for o in outcomes)
     plot_confusion(total_cm, classes, f"{agg_split} split, summed over {len(outcomes)} repeat(s); selection: {label}",

@@ -18,7 +18,6 @@ folder named by the published convention, `state/last.pth` and `report/` (progre
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -34,7 +33,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt_io
 from .audio import FrontEndConfig
-from .config import atomic_write_text, load_recipe, save_resolved, to_dict
+from .config import load_recipe, save_resolved, to_dict
 from .data.downloads import data_root, resolve_noise
 from .data.pretrain_data import (
     CropDataset,
@@ -45,6 +44,7 @@ from .data.pretrain_data import (
     mix_in_log_domain,
 )
 from .errors import ConfigError, M2DXError
+from .fileio import atomic_torch_save, atomic_write_json
 from .models.m2d import M2D, PredictorConfig
 from .models.vit import AudioViT, ViTConfig, param_groups
 from .objectives import (
@@ -299,7 +299,7 @@ def freeze_initial_encoder(model: M2D, run_dir: Path) -> AudioViT:
     teacher.load_state_dict(model.encoder_state_dict())
     folder = ckpt_io.checkpoint_folder_name(model.config, offline=False, tag="teacher")
     path = run_dir / "teacher" / folder / "checkpoint-0.pth"
-    ckpt_io.atomic_torch_save({"model": teacher.state_dict(), "epoch": 0, "m2dx": {
+    atomic_torch_save({"model": teacher.state_dict(), "epoch": 0, "m2dx": {
         "vit_config": {**to_dict(model.config)}}}, path)
     teacher.saved_path = path
     return teacher
@@ -471,7 +471,7 @@ class Pretrainer:
             path = self.run_dir / self.folder_name / f"checkpoint-{self.epoch}.pth"
         else:
             path = self.run_dir / "state" / "last.pth"
-        ckpt_io.atomic_torch_save(state, path)
+        atomic_torch_save(state, path)
         if published:
             stale = self.run_dir / "state" / "last.pth"
             if stale.exists():
@@ -661,7 +661,7 @@ def start_run(recipe: PretrainRecipe, on_save: Callable[[Path], None] | None = N
         save_resolved(recipe, run_dir / "recipe.toml", header=f"resolved recipe of run {run_dir.name}")
         facts = {**environment_facts(), "world_size": trainer.ddp.world_size, "device": str(trainer.device),
                  "amp": str(trainer.amp_dtype), "notes": trainer.notes}
-        atomic_write_text(run_dir / "environment.json", json.dumps(facts, indent=2))
+        atomic_write_json(run_dir / "environment.json", facts, end="")
         for note in trainer.notes:
             console.print(f"[dim]{note}[/]")
     return trainer.train(progress)

@@ -6,7 +6,6 @@ TensorBoard is written too when it is installed (optional; never required).
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import sys
@@ -18,16 +17,10 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from .fileio import to_jsonable
+
 # Logs and CI capture stderr without a terminal; rich would then wrap every table at 80 columns.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        value = value.item() if value.numel() == 1 else value.tolist()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
 
 
 class MetricLogger:
@@ -47,7 +40,8 @@ class MetricLogger:
                 self._tb = None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        row = {"step": int(step), "time": time.time(), **{k: _jsonable(v) for k, v in metrics.items()}}
+        # NaN / Inf stay readable as "nan" / "inf" text, as the log has always written them
+        row = {"step": int(step), "time": time.time(), **to_jsonable(metrics, nonfinite="text")}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         if self._tb is not None:

@@ -31,7 +31,6 @@ import hashlib
 import html
 import json
 import math
-import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +41,9 @@ import torch
 
 from . import checkpoint as ckpt_io
 from .audio import FrontEndConfig, LogMelSpectrogram
-from .config import atomic_write_text, build_dataclass, find_recipe, load_recipe
+from .config import build_dataclass, find_recipe, load_recipe
 from .errors import ConfigError, DataError, M2DXError
+from .fileio import atomic_save_npy, atomic_savefig, atomic_write_json, atomic_write_text, to_jsonable
 from .models.vit import AudioViT
 from .progress import console, make_progress, read_jsonl
 
@@ -516,12 +516,7 @@ class _HealthCache:
             return None
 
     def save_array(self, name: str, kind: str, key: str, array: np.ndarray, **extra: Any) -> None:
-        target = self.dir / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, target)
+        atomic_save_npy(self.dir / name, array)
         self.data[kind] = {"key": key, **extra}
         self.dirty = True
 
@@ -577,22 +572,6 @@ def _mean_scores(blocks: list[dict[str, Any]]) -> dict[str, float | None] | None
     return out
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return _finite(value)
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (str, int, bool)) or value is None:
-        return value
-    return str(value)
-
-
 def _run_finetune(path: Path, epoch: int, *, recipe_name: str, task: str, data: Path, normal_class: str | None,
                   report_dir: Path, task_data: Any, progress: bool) -> dict[str, Any]:
     """One full fine-tune of this checkpoint; its run folder is `report/finetune/epoch-<N>/`."""
@@ -632,7 +611,7 @@ def _finetune_summary(run_dir: Path, runs: list[dict[str, Any]], aggregate: Any,
     vals = [b for r in runs if (b := _pick_metric(r, ("val", "val_metrics", "validation")))]
     tests = [b for r in runs if (b := _pick_metric(r, ("test", "test_metrics")))]
     return {"run_dir": str(run_dir), "selection": selection, "repeats": len(runs), "reused": False,
-            "val": _mean_scores(vals), "test": _mean_scores(tests), "aggregate": _jsonable(aggregate)}
+            "val": _mean_scores(vals), "test": _mean_scores(tests), "aggregate": to_jsonable(aggregate)}
 
 
 def recommend(rows: list[dict[str, Any]], global_warnings: Sequence[str] = ()) -> dict[str, Any]:
@@ -839,7 +818,7 @@ def _build(
         "recommendation": recommend(rows, global_warnings),
         "warnings": global_warnings,
     }
-    report = _jsonable(report)
+    report = to_jsonable(report)
     write_report_files(report, report_dir, metrics)
     return report
 
@@ -1077,15 +1056,8 @@ def _html(report: dict[str, Any], images: list[str]) -> str:
 
 
 def _save_figure(fig: Any, path: Path) -> Path:
-    """savefig to a temporary name in the same folder, then rename: a viewer never sees half a PNG."""
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    """Every report plot is saved alike: PNG at 110 dpi, trimmed, written atomically."""
+    return atomic_savefig(fig, path, format="png", dpi=110, bbox_inches="tight")
 
 
 def _new_figure(ncols: int) -> Any:
@@ -1230,7 +1202,7 @@ def write_report_files(report: dict[str, Any], report_dir: Path, metrics: list[d
             console.print(f"[yellow]warning: plot {name} failed: {exc}[/]")
     report["files"] = ["report.json", "report.md", "report.html", *images]
     written = {
-        "json": atomic_write_text(report_dir / "report.json", json.dumps(report, indent=2) + "\n"),
+        "json": atomic_write_json(report_dir / "report.json", report),
         "md": atomic_write_text(report_dir / "report.md", _markdown(report, images)),
         "html": atomic_write_text(report_dir / "report.html", _html(report, images)),
     }

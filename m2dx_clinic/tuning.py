@@ -21,7 +21,6 @@ import dataclasses
 import datetime as _dt
 import json
 import math
-import os
 import re
 import sys
 import types
@@ -35,9 +34,10 @@ from typing import Any, Literal
 import optuna
 
 from . import config
-from .config import atomic_write_text, dump_toml, find_recipe, load_recipe, parse_override, read_toml
+from .config import dump_toml, find_recipe, load_recipe, parse_override, read_toml
 from .data.tasks import TaskData, load_task
 from .errors import ConfigError, M2DXError
+from .fileio import atomic_savefig, atomic_write_bytes, atomic_write_json, atomic_write_text
 from .finetune import FinetuneRecipe, FinetuneResult, finetune
 from .metrics import aggregate_runs
 from .progress import console, environment_facts, make_progress
@@ -531,27 +531,6 @@ def _short_params(params: dict[str, Any], limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        try:
-            value = value.item()
-        except Exception:
-            return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, Path):
-        return str(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _jsonable(dataclasses.asdict(value))
-    return str(value)
-
-
 def _save_plots(study: optuna.Study, out: Path) -> list[str]:
     """optimization_history.png and param_importances.png; a plot that cannot be made is a warning, not a crash."""
     problems = []
@@ -578,9 +557,7 @@ def _save_plots(study: optuna.Study, out: Path) -> list[str]:
             fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
             fig.set_size_inches(8, 5)
             fig.tight_layout()
-            tmp = out / f".{name}.tmp{os.getpid()}"
-            fig.savefig(tmp, format="png", dpi=120)
-            os.replace(tmp, out / name)
+            atomic_savefig(fig, out / name, format="png", dpi=120)
             plt.close(fig)
         except Exception as exc:
             problems.append(f"{name} not written: {_one_line(exc)}")
@@ -784,9 +761,7 @@ def _tune_study(*, settings: TuneSettings, params: list[Param], tune_recipe: str
     notes: list[str] = []
     # trials.csv first: it is the record that explains a search where nothing completed
     frame = study.trials_dataframe()
-    tmp_csv = out_dir / f".trials.csv.tmp{os.getpid()}"
-    frame.to_csv(tmp_csv, index=False)
-    os.replace(tmp_csv, out_dir / "trials.csv")
+    atomic_write_bytes(out_dir / "trials.csv", frame.to_csv(index=False).encode("utf-8"))
 
     result = TuneResult(out_dir=out_dir, study_name=name, storage=_hide_password(storage_url),
                         best_value=None if best is None else float(best.value),
@@ -832,7 +807,7 @@ def _tune_study(*, settings: TuneSettings, params: list[Param], tune_recipe: str
         "space": [dataclasses.asdict(p) for p in params], "final": final_info, "warnings": notes,
         "environment": environment_facts(), "written": _dt.datetime.now().isoformat(timespec="seconds"),
     }
-    atomic_write_text(out_dir / "summary.json", json.dumps(_jsonable(summary), indent=2) + "\n")
+    atomic_write_json(out_dir / "summary.json", summary)
     _print_summary(result, final_info, notes)
     if best is None:
         errors = [t.user_attrs.get("error") for t in study.get_trials(deepcopy=False) if t.user_attrs.get("error")]

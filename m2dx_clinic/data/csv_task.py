@@ -15,7 +15,7 @@ import pandas as pd
 from sklearn.model_selection import GroupShuffleSplit
 
 from ..errors import ConfigError, DataError
-from .tasks import SPLITS, LabelledItem, TaskData, carve_validation, check_leakage
+from .tasks import SPLITS, LabelledItem, TaskData, finish_task
 
 REQUIRED = ("path", "label")
 OPTIONAL = ("subject", "split", "start", "end")
@@ -151,20 +151,8 @@ def load_csv_task(
         )
         for row in range(len(table))
     ]
-    check_leakage(items, official=False, source=str(csv_path))
-    items, carve_notes = carve_validation(items, val_fraction=val_fraction, seed=seed, source=str(csv_path))
-    notes.extend(carve_notes)
-    check_leakage(items, official=False, source=str(csv_path))
-    return TaskData(
-        name=csv_path.stem,
-        classes=ordered,
-        normal_class=0,
-        items=items,
-        missing_audio=[],
-        warnings=warnings,
-        official_split=False,
-        notes=notes,
-    )
+    return finish_task(csv_path.stem, ordered, items, official=False, source=str(csv_path), val_fraction=val_fraction,
+                       seed=seed, notes=notes, warnings=warnings)
 
 
 def _pick_normal(csv_path: Path, labels: list[str], normal_class: str | None) -> str:

@@ -15,7 +15,7 @@ import torch
 
 from ..audio import AUDIO_SUFFIXES, load_audio
 from ..errors import ConfigError, DataError
-from .tasks import LabelledItem, TaskData, carve_validation, check_leakage
+from .tasks import LabelledItem, TaskData, check_leakage, finish_task, segment_items
 
 CLASSES = ["normal", "crackle", "wheeze", "both"]
 SPLIT_FILE = "ICBHI_challenge_train_test.txt"
@@ -181,44 +181,17 @@ def load_icbhi(data: Path | str, *, val_fraction: float = 0.15, seed: int = 0) -
             f"{data}: none of the {frame['recording'].nunique()} annotated recordings has audio "
             "(<recording>.wav or .flac next to the .txt); unzip the full ICBHI_final_database.zip"
         )
-    items: list[LabelledItem] = []
-    cycle_no = frame.groupby("recording").cumcount()
-    for index, row in with_audio.iterrows():
-        items.append(
-            LabelledItem(
-                item_id=f"{row.recording}#{int(cycle_no[index]):03d}",
-                path=Path(row.audio_path),
-                label=int(row.label),
-                subject=str(row.patient),
-                split=str(row.split),
-                start=float(row.start),
-                end=float(row.end),
-                recording=str(row.recording),
-            )
-        )
-    notes = list(frame.attrs.get("notes", []))
+    items = segment_items(with_audio, frame.groupby("recording").cumcount(), "patient")
     warnings = list(frame.attrs.get("warnings", []))
     if missing:
         warnings.append(f"audio missing for {len(missing)} of {frame['recording'].nunique()} annotated recordings; their cycles are not used")
-    items, carve_notes = carve_validation(items, val_fraction=val_fraction, seed=seed, source=str(data))
-    notes.extend(carve_notes)
     # The published overlap (patients 156, 218) is reported even when the audio subset misses it.
     pairs = frame[["patient", "split"]].drop_duplicates()
     official = [_SubjectSplit(str(p), str(s)) for p, s in pairs.itertuples(index=False)]
-    full = [f"all annotations: {w}" for w in check_leakage(official, official=True)]
-    subset = check_leakage(items, official=True)
-    warnings.extend(full + [f"cycles with audio: {w}" for w in subset])
-    return TaskData(
-        name="icbhi",
-        classes=list(CLASSES),
-        normal_class=0,
-        items=items,
-        missing_audio=missing,
-        warnings=warnings,
-        official_split=True,
-        notes=notes,
-        all_cycles=frame,
-    )
+    warnings.extend(f"all annotations: {w}" for w in check_leakage(official, official=True))
+    return finish_task("icbhi", CLASSES, items, official=True, source=str(data), val_fraction=val_fraction, seed=seed,
+                       notes=list(frame.attrs.get("notes", [])), warnings=warnings, missing_audio=missing,
+                       all_cycles=frame, leakage_prefix="cycles with audio: ")
 
 
 def prepare_cycle(

@@ -17,7 +17,6 @@ import json
 import math
 import multiprocessing
 import os
-import uuid
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 
 from ..audio import LOG_EPS, FrontEndConfig, LogMelSpectrogram, list_audio_files, load_audio
 from ..errors import AudioError, ConfigError, DataError
+from ..fileio import atomic_save_npy, atomic_write_bytes
 
 # Bump when the stored array format or its computation changes: old entries are then ignored.
 CACHE_FORMAT_VERSION = 1
@@ -199,7 +199,7 @@ class LogMelCache:
             return {}  # a missing or damaged index only costs re-hashing
 
     def _save_index(self, index: dict[str, list]) -> None:
-        _atomic_write_bytes(self.cache_dir / _INDEX_NAME, json.dumps(index, sort_keys=True).encode("utf-8"))
+        atomic_write_bytes(self.cache_dir / _INDEX_NAME, json.dumps(index, sort_keys=True).encode("utf-8"))
 
     def _hash_files(self, paths: Sequence[Path], workers: int, progress) -> dict[Path, str | AudioError]:
         """sha256 for each path (from the index when size and mtime are unchanged) or the problem."""
@@ -363,36 +363,13 @@ def _compute_entry(args: tuple[str, float | None, float | None, FrontEndConfig, 
             lms = module(wave).numpy().astype(np.float32, copy=False)
         if not np.isfinite(lms).all():
             return "the log-mel spectrogram has NaN/Inf values; re-export the audio as PCM"
-        _atomic_save_npy(Path(out_path), np.ascontiguousarray(lms))
+        atomic_save_npy(Path(out_path), np.ascontiguousarray(lms))
         return None
     except AudioError as exc:
         return exc.problem
     except Exception as exc:  # anything a decoder throws makes this one file bad, not the run
         text = str(exc).strip().splitlines()
         return f"cannot compute the log-mel ({type(exc).__name__}: {text[0][:160] if text else ''}); check the file"
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # --------------------------------------------------------------------------------------------

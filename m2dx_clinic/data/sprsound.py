@@ -15,7 +15,7 @@ import pandas as pd
 
 from ..audio import AUDIO_SUFFIXES
 from ..errors import ConfigError, DataError
-from .tasks import LabelledItem, TaskData, carve_validation, check_leakage
+from .tasks import TaskData, finish_task, segment_items
 
 CLASSES = ["Normal", "Rhonchi", "Wheeze", "Stridor", "Coarse Crackle", "Fine Crackle", "Wheeze+Crackle"]
 TEST_SETS = ("inter", "intra", "all")
@@ -136,35 +136,10 @@ def load_sprsound(
     usable = frame[frame["audio_path"].notna()]
     if usable.empty:
         raise DataError(f"{data}: no .wav found for any annotated recording; put the audio in train_wav/ and test_wav/")
-    event_no = frame.groupby(["split", "recording"]).cumcount()
-    items = [
-        LabelledItem(
-            item_id=f"{row.recording}#{int(event_no[index]):03d}",
-            path=Path(row.audio_path),
-            label=int(row.label),
-            subject=str(row.subject),
-            split=str(row.split),
-            start=float(row.start),
-            end=float(row.end),
-            recording=str(row.recording),
-        )
-        for index, row in usable.iterrows()
-    ]
+    items = segment_items(usable, frame.groupby(["split", "recording"]).cumcount(), "subject")
     warnings = list(frame.attrs.get("warnings", []))
-    notes = list(frame.attrs.get("notes", []))
     if missing:
         warnings.append(f"audio missing for {len(missing)} annotated recording(s); their events are not used")
-    items, carve_notes = carve_validation(items, val_fraction=val_fraction, seed=seed, source=str(data))
-    notes.extend(carve_notes)
-    warnings.extend(check_leakage(items, official=True))
-    return TaskData(
-        name="sprsound",
-        classes=list(CLASSES),
-        normal_class=0,
-        items=items,
-        missing_audio=missing,
-        warnings=warnings,
-        official_split=True,
-        notes=notes,
-        all_cycles=frame,
-    )
+    return finish_task("sprsound", CLASSES, items, official=True, source=str(data), val_fraction=val_fraction,
+                       seed=seed, notes=list(frame.attrs.get("notes", [])), warnings=warnings, missing_audio=missing,
+                       all_cycles=frame)

@@ -16,6 +16,7 @@ import pandas as pd
 from sklearn.model_selection import GroupShuffleSplit
 
 from ..errors import ConfigError, DataError
+from ..fileio import atomic_write_text
 
 SPLITS = ("train", "val", "test")
 TASKS = ("icbhi", "sprsound", "csv")
@@ -170,6 +171,64 @@ def carve_validation(
     return out, notes
 
 
+def segment_items(segments: pd.DataFrame, numbers: pd.Series, subject_column: str) -> list[LabelledItem]:
+    """Items from annotated segments that have audio (`recording, split, start, end, label, audio_path`).
+
+    `numbers` counts each segment within its recording over ALL annotations, audio or not, so an
+    item id (`<recording>#<nnn>`) names the same segment whichever audio files are present.
+    """
+    return [
+        LabelledItem(
+            item_id=f"{row.recording}#{int(numbers[index]):03d}",
+            path=Path(row.audio_path),
+            label=int(row.label),
+            subject=str(row[subject_column]),
+            split=str(row.split),
+            start=float(row.start),
+            end=float(row.end),
+            recording=str(row.recording),
+        )
+        for index, row in segments.iterrows()
+    ]
+
+
+def finish_task(
+    name: str,
+    classes: list[str],
+    items: list[LabelledItem],
+    *,
+    official: bool,
+    source: str,
+    val_fraction: float,
+    seed: int,
+    notes: list[str],
+    warnings: list[str],
+    missing_audio: list[str] | None = None,
+    all_cycles: pd.DataFrame | None = None,
+    leakage_prefix: str = "",
+) -> TaskData:
+    """The last steps of every loader: carve validation, check leakage, build `TaskData` (normal class first).
+
+    A user's own split (official=False) is refused when it leaks, before carving, so the leak and not
+    a carving problem is what the user is told; a published split keeps its overlap as a warning.
+    """
+    if not official:
+        check_leakage(items, official=False, source=source)
+    items, carve_notes = carve_validation(items, val_fraction=val_fraction, seed=seed, source=source)
+    leaks = check_leakage(items, official=official, source=source)
+    return TaskData(
+        name=name,
+        classes=list(classes),
+        normal_class=0,
+        items=items,
+        missing_audio=list(missing_audio or []),
+        warnings=[*warnings, *(leakage_prefix + w for w in leaks)],
+        official_split=official,
+        notes=[*notes, *carve_notes],
+        all_cycles=all_cycles,
+    )
+
+
 def resolve_normal_class(classes: list[str], normal_class: str | None, default: str, source: str) -> int:
     """Index of the normal class; a name not in `classes` is a ConfigError listing the choices."""
     wanted = default if normal_class is None else normal_class
@@ -233,8 +292,6 @@ def export_manifest(
     the same seed). With `recordings=True` there is one row per audio file (no label, no segment):
     the input of `m2dx further-pretrain --data`, e.g. the training recordings only.
     """
-    from ..config import atomic_write_text
-
     wanted = {"train" if s == "val" else s for s in splits}
     rows = []
     seen: set[str] = set()
