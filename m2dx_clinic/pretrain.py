@@ -245,7 +245,8 @@ def _cache_dir(recipe: PretrainRecipe) -> Path:
 
 
 def prepare_data(recipe: PretrainRecipe, frontend: FrontEndConfig, crop_frames: int,
-                 norm_stats: tuple[float, float] | None, noise_mean: float | None, progress: bool) -> TrainingData:
+                 norm_stats: tuple[float, float] | None, noise_mean: float | None, progress: bool,
+                 rank: int = 0) -> TrainingData:
     """List, validate and cache the audio (decode + resample + log-mel once), then build the datasets."""
     if not recipe.data.data:
         raise ConfigError("no training data given; pass --data FOLDER_OR_CSV")
@@ -273,7 +274,7 @@ def prepare_data(recipe: PretrainRecipe, frontend: FrontEndConfig, crop_frames: 
         noise_segments = list_training_audio(resolve_noise(recipe.data.noise, root))
         noise_lms, bad_noise = cache.build(noise_segments, workers=recipe.data.cache_workers,
                                            skip_bad=recipe.data.skip_bad, progress=progress)
-        noise = NoiseCropDataset(noise_lms, crop_frames, mean=noise_mean, seed=recipe.run.seed + 17,
+        noise = NoiseCropDataset(noise_lms, crop_frames, mean=noise_mean, seed=recipe.run.seed + 17 + 7919 * rank,
                                  num_stat_samples=min(recipe.data.norm_stats_samples, 10000))
     return TrainingData(dataset, noise, float(norm_stats[0]), float(norm_stats[1]), len(lms_list), names)
 
@@ -341,7 +342,7 @@ class Pretrainer:
         self.ddp = init_distributed(recipe.run.device)
         self.device = pick_device(recipe.run.device, self.ddp)
         self.amp_dtype = pick_amp(recipe.run.amp, self.device)
-        seed_everything(recipe.run.seed + self.ddp.rank)
+        seed_everything(recipe.run.seed)  # the same initial model (and initial-encoder teacher) on every rank
         resume = ckpt_io.LoadedCheckpoint(resume_from) if resume_from else None
         base = ckpt_io.open_checkpoint(recipe.base) if (recipe.base and resume is None) else None
         meta = resume.meta if resume else {}
@@ -352,7 +353,7 @@ class Pretrainer:
         if self.ddp.enabled and not self.ddp.is_main:
             dist.barrier()  # rank 0 fills the log-mel cache first; the others then only read it
         self.data = prepare_data(recipe, self.frontend, self.crop_frames, stats, meta.get("noise_mean"),
-                                 progress=self.ddp.is_main)
+                                 progress=self.ddp.is_main, rank=self.ddp.rank)
         if self.ddp.enabled and self.ddp.is_main:
             dist.barrier()
         teacher = load_teacher(recipe) if recipe.objective.offline_task == "teacher" else None
@@ -376,6 +377,7 @@ class Pretrainer:
                                     or teacher.config.patch_size[1] != vit.patch_size[1]):
             raise ConfigError("the teacher must have the same input width and patch width as the model")
         self.model.to(self.device)
+        seed_everything(recipe.run.seed + 7919 * self.ddp.rank)  # masks and crops differ between ranks
 
         o = recipe.optim
         self.lr = effective_lr(o.blr, o.batch_size, o.accum_steps, self.ddp.world_size)

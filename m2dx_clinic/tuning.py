@@ -454,6 +454,18 @@ class TuneResult:
     best_trial: int | None = None
 
 
+def _fail_orphaned_trials(study: optuna.Study) -> None:
+    """With the default one-worker SQLite study, a RUNNING trial at start-up belongs to a killed run.
+
+    Heartbeats would fail it only after the grace period; doing it now lets the resumed run retry its
+    parameters at once. Shared RDB studies (--storage) are left to the heartbeats: other workers may be alive.
+    """
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(trial._trial_id, "error", "the tuning process was killed during this trial")
+        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+
+
 def make_storage(url: str | None, out: Path, settings: TuneSettings) -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeats: trials of a killed process are failed after the grace period and retried."""
     if url is None:
@@ -704,6 +716,8 @@ def _tune_study(*, settings: TuneSettings, params: list[Param], tune_recipe: str
     study.set_user_attr("tune_recipe", str(tune_recipe))
     study.set_user_attr("finetune_recipe", str(settings.finetune_recipe))
     study.set_user_attr("metric", settings.metric)
+    if storage is None:
+        _fail_orphaned_trials(study)
     counts = _counts(study)
     remaining = max(0, target - counts["complete"] - counts["pruned"])
     if counts["complete"] + counts["pruned"]:

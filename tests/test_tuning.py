@@ -341,3 +341,21 @@ def test_tiny_tune_end_to_end_with_real_finetune(tmp_path):
         assert metrics["test_scored"] is False and all(r["test"] is None for r in metrics["runs"])
     for name in ("best.toml", "trials.csv", "summary.json", "optimization_history.png"):
         assert (tmp_path / "tune" / name).is_file(), name
+
+
+def test_a_trial_left_running_by_a_killed_run_is_failed_and_retried(tmp_path, fake):
+    f = fake["install"](score=lambda call, recipe, epoch: 0.5)
+    first = run_tune(tmp_path, "tiny_tune", trials=1)
+    storage = f"sqlite:///{tmp_path / 'out' / 'optuna.db'}"
+    study = optuna.load_study(study_name=first.study_name, storage=storage)
+    orphan = study.ask()  # what a kill -9 in the middle of a trial leaves behind
+    orphan.suggest_float("optim.lr", 1e-4, 3e-3, log=True)
+    run_tune(tmp_path, "tiny_tune", trials=2)
+    study = optuna.load_study(study_name=first.study_name, storage=storage)
+    states = {t.number: t.state for t in study.trials}
+    assert states[orphan.number] == optuna.trial.TrialState.FAIL
+    assert "killed" in study.trials[orphan.number].user_attrs["error"]
+    retry = [t for t in study.trials if t.user_attrs.get("retry_of") == orphan.number]
+    assert retry and retry[0].state == optuna.trial.TrialState.COMPLETE
+    assert retry[0].params["optim.lr"] == pytest.approx(orphan.params["optim.lr"])
+    assert len(f.calls) == 2
