@@ -61,7 +61,7 @@ def further_pretrain_cmd(
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Epochs between checkpoints."),
     min_ds_size: Optional[int] = typer.Option(None, "--min-ds-size", help="Inflate the file list to this many items per epoch."),
     noise_ratio: Optional[float] = typer.Option(None, "--noise-ratio", help="Noise mixing ratio r."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Per-process batch size (before gradient accumulation)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where named data sets live (default $M2DX_DATA or ~/.cache/m2dx/data)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable audio files instead of stopping."),
