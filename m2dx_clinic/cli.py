@@ -73,7 +73,9 @@ def further_pretrain_cmd(
     """
     from . import pretrain
 
-    on_save = _progress_report_hook()
+    from .reporting import BackgroundReporter
+
+    on_save = BackgroundReporter()
     extra = {"base": base, "data.data": str(data) if data else None, "data.noise": "" if noise == "none" else noise,
              "run.out": str(out) if out else None, "optim.epochs": epochs, "run.max_steps": max_steps,
              "run.save_every": save_every, "data.min_ds_size": min_ds_size, "data.noise_ratio": noise_ratio,
@@ -86,6 +88,7 @@ def further_pretrain_cmd(
         from .config import load_recipe
 
         run_dir = pretrain.start_run(load_recipe(pretrain.PretrainRecipe, recipe, overrides), on_save=on_save)
+    on_save.close()  # the report of the last checkpoint
     _console().print(f"[green]done[/]: checkpoints, metrics.jsonl and report/ in {run_dir}")
 
 
@@ -134,13 +137,6 @@ def _without_option(argv: list[str], option: str) -> list[str]:
         elif not arg.startswith(option + "="):
             out.append(arg)
     return out
-
-
-def _progress_report_hook():
-    """After each published save, refresh the cheap report (never blocks or fails training)."""
-    from .reporting import update_progress_report
-
-    return lambda checkpoint_path: update_progress_report(checkpoint_path.parent.parent)
 
 
 # ----------------------------------------------------------------------------- fine-tuning

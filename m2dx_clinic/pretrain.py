@@ -128,6 +128,7 @@ class RunSection:
     max_steps: int = 0  # stop after this many optimiser steps (0 = no limit); for smoke runs
     log_every: int = 10  # optimiser steps between log lines
     compile: bool = False  # torch.compile the model (GPU; +50% throughput on an H200, ~1 min to compile)
+    report_on_save: bool = True  # refresh report/ (curves + label-free health) after each checkpoint, in the background
     tag: str = ""  # appended to the checkpoint folder name
 
 
@@ -563,7 +564,7 @@ class Pretrainer:
                 published = self.epoch % r.save_every == 0 or self.epoch >= o.epochs or stop
                 if self.ddp.is_main:
                     last_saved = self.save(published)
-                    if published and self.on_save is not None:
+                    if published and self.on_save is not None and r.report_on_save:
                         self.on_save(last_saved)
                 if self.ddp.enabled:
                     dist.barrier()

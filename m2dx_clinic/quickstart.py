@@ -45,7 +45,7 @@ def run_quickstart(out: Path, *, data: Path | None = None, noise: Path | None = 
                  "run.save_every=5", "data.min_ds_size=256"]
     recipe = load_recipe(PretrainRecipe, "tiny_cpu", overrides)
     if not (run_dir / "recipe.toml").is_file():
-        start_run(recipe, on_save=_report_hook(), progress=progress)
+        start_run(recipe, progress=progress)  # step 4 builds the full report
     elif _unfinished(run_dir, recipe.optim.epochs):
         resume_run(run_dir, progress=progress)
     checkpoints = ckpt_io.list_checkpoints(run_dir)
@@ -83,9 +83,3 @@ def run_quickstart(out: Path, *, data: Path | None = None, noise: Path | None = 
 def _unfinished(run_dir: Path, epochs: int) -> bool:
     point = latest_resume_point(run_dir)
     return point is None or (ckpt_io.LoadedCheckpoint(point).epoch or 0) < epochs
-
-
-def _report_hook():
-    from .reporting import update_progress_report
-
-    return lambda path: update_progress_report(path.parent.parent)

@@ -31,6 +31,7 @@ import hashlib
 import html
 import json
 import math
+import threading
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -919,6 +920,44 @@ def update_progress_report(run_dir: str | Path, *, num_crops: int = NUM_HEALTH_C
         except Exception:
             pass
         return None
+
+
+class BackgroundReporter:
+    """`on_save` hook that refreshes the progress report in a worker thread, so training never waits for it.
+
+    Saves that arrive while a refresh runs coalesce into one more refresh (of the newest state);
+    `close()` waits for the last one, so a finished run always has the report of its final checkpoint.
+    """
+
+    def __init__(self, num_crops: int = NUM_HEALTH_CROPS):
+        self.num_crops = num_crops
+        self._lock = threading.Lock()
+        self._pending: Path | None = None
+        self._thread: threading.Thread | None = None
+
+    def __call__(self, checkpoint_path: str | Path) -> None:
+        run_dir = Path(checkpoint_path).parent.parent  # RUN/<published folder>/checkpoint-N.pth
+        with self._lock:
+            self._pending = run_dir
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="m2dx-progress-report", daemon=True)
+                self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                run_dir, self._pending = self._pending, None
+                if run_dir is None:
+                    self._thread = None
+                    return
+            update_progress_report(run_dir, num_crops=self.num_crops)
+
+    def close(self) -> None:
+        """Wait for the refresh in flight (and any it still has queued)."""
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join()
 
 
 # ============================================================================ outputs

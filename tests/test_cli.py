@@ -163,7 +163,8 @@ def test_vit_base_two_step_cpu_run_saves_the_published_layout(tmp_path, demo_dir
                    str(demo_dir / "ICBHI_final_database"), "--noise", str(demo_noise_dir()), "--out", str(run),
                    "--max-steps", "2", "--batch-size", "2", "--device", "cpu",
                    "--set", "optim.accum_steps=1", "--set", "data.min_ds_size=8", "--set", "data.loader_workers=0",
-                   "--set", "data.norm_stats_samples=32", "--set", f"data.cache_dir={tmp_path / 'c'}", timeout=600)
+                   "--set", "data.norm_stats_samples=32", "--set", f"data.cache_dir={tmp_path / 'c'}",
+                   "--set", "run.report_on_save=false", timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (epoch, path), = ckpt_io.list_checkpoints(run)
     assert path.parent.name.startswith("m2d_x_vit_base-80x200p16x4p16k-")

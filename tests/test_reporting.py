@@ -235,3 +235,29 @@ def test_report_with_finetune_and_rerun_reuses_it(tiny_run, tmp_path):
     again = build_report(run_dir, task="icbhi", data=tiny_run["data"], finetune=True, finetune_recipe=str(recipe),
                          progress=False, num_crops=CROPS)
     assert all(r["finetune"]["reused"] for r in again["rows"] if not r["error"])
+
+
+def test_background_reporter_never_blocks_and_coalesces(monkeypatch, tmp_path):
+    import threading
+    import time as _time
+
+    from m2dx_clinic import reporting
+
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def slow_report(run_dir, num_crops=256):
+        calls.append(Path(run_dir))
+        started.set()
+        release.wait(5)
+
+    monkeypatch.setattr(reporting, "update_progress_report", slow_report)
+    hook = reporting.BackgroundReporter()
+    t0 = _time.perf_counter()
+    hook(tmp_path / "run" / "folder" / "checkpoint-1.pth")
+    assert started.wait(5)
+    hook(tmp_path / "run" / "folder" / "checkpoint-2.pth")  # arrives while the first refresh runs
+    hook(tmp_path / "run" / "folder" / "checkpoint-3.pth")
+    assert _time.perf_counter() - t0 < 1.0  # the training loop did not wait
+    release.set()
+    hook.close()
+    assert calls == [tmp_path / "run", tmp_path / "run"]  # the first, then one coalesced refresh
