@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError
-from .fileio import atomic_torch_save as atomic_torch_save  # re-exported: callers and tests save checkpoints from here
+from .fileio import atomic_torch_save  # noqa: F401 - re-exported: callers and tests save checkpoints from here
 from .models.m2d import M2D, PredictorConfig
 from .models.vit import DEFAULT_NORM_STATS, AudioViT, ViTConfig, is_encoder_key
 from .registry import parse_geometry_from_name, resolve_checkpoint

@@ -10,6 +10,8 @@ import pytest
 import soundfile as sf
 import torch
 
+from local_http import http_server  # noqa: F401 - the 127.0.0.1 file server fixture
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("M2DX_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 

@@ -19,7 +19,7 @@ from m2dx_clinic.demo_data import demo_noise_dir, make_demo_icbhi
 from m2dx_clinic.models.m2d import M2D
 from m2dx_clinic.models.vit import ViTConfig
 from m2dx_clinic.pretrain import PretrainRecipe, TrainingDiverged, start_run
-from test_download import LocalServer, http_server  # noqa: F401 - the 127.0.0.1 server fixture
+from local_http import LocalServer
 
 M2DX = [sys.executable, "-m", "m2dx_clinic"]
 
@@ -78,7 +78,7 @@ def test_unknown_recipe_key_and_unknown_weights_name(tmp_path):
     assert_one_line_error(proc, "m2d_vit_base-80x200p16x4-230529", "m2dx weights list")
 
 
-def test_weights_download_through_the_cli(http_server: LocalServer, tmp_path):  # noqa: F811
+def test_weights_download_through_the_cli(http_server: LocalServer, tmp_path):
     name = "m2d_vit_base-80x200p16x4-230529"
     cfg = ViTConfig(embed_dim=64, depth=2, num_heads=1)
     buf = io.BytesIO()

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from m2dx_clinic import objectives
 from m2dx_clinic.models.m2d import M2D, PredictorConfig

@@ -19,7 +19,7 @@ from m2dx_clinic.registry import (
     parse_geometry_from_name,
     resolve_checkpoint,
 )
-from test_download import LocalServer, http_server  # noqa: F401 - the shared server fixture
+from local_http import LocalServer
 
 BASE = "m2d_vit_base-80x200p16x4-230529"
 
