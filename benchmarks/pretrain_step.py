@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU for MFU")
+    ap.add_argument("--profile", type=Path, default=None, help="write a torch.profiler table of 5 steps to this file")
     args = ap.parse_args()
 
     if args.threads:
@@ -130,6 +131,16 @@ def main() -> None:
     step_s = elapsed / args.steps
     samples_per_s = args.batch / step_s
     flops = step_flops(vit, pred, args.mask_ratio, teacher_task is not None)
+    if args.profile is not None:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(5):
+                step()
+            sync()
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        args.profile.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__,
