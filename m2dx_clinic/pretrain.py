@@ -441,35 +441,57 @@ class Pretrainer:
             self.optimizer.load_state_dict(resume.raw["optimizer"])
         if self.scaler is not None and resume.raw.get("scaler"):
             self.scaler.load_state_dict(resume.raw["scaler"])
-        if self.data.noise is not None and meta.get("noise_state"):
-            self.data.noise.load_state_dict(meta["noise_state"])
-        if meta.get("rng"):
-            set_rng_state(meta["rng"])
+        ranks = meta.get("per_rank") or []
+        own = ranks[self.ddp.rank] if len(ranks) == self.ddp.world_size else None
+        if own is None and self.ddp.rank > 0:
+            console.print("[yellow]warning: the checkpoint has no state for this rank; its random streams restart[/]")
+        elif own is None:
+            own = {"rng": meta.get("rng"), "noise_state": meta.get("noise_state")}
+        if own is not None:
+            if self.data.noise is not None and own.get("noise_state"):
+                self.data.noise.load_state_dict(own["noise_state"])
+            if own.get("rng"):
+                set_rng_state(own["rng"])
         if int(meta.get("seed", self.recipe.run.seed)) != self.recipe.run.seed:
             console.print("[yellow]warning: the recipe seed differs from the checkpoint's; resuming with the checkpoint state[/]")
 
-    def _checkpoint_dict(self) -> dict[str, Any]:
+    def _random_state(self) -> dict[str, Any]:
+        """This rank's random streams: RNGs and the noise cycle."""
+        return {"rng": rng_state(),
+                "noise_state": self.data.noise.state_dict() if self.data.noise is not None else None}
+
+    def _gather_random_states(self) -> list[dict[str, Any]]:
+        """Every rank's random streams (a collective: all ranks call it), so DDP resumes exactly too."""
+        own = self._random_state()
+        if not self.ddp.enabled:
+            return [own]
+        gathered: list[Any] = [None] * self.ddp.world_size
+        dist.all_gather_object(gathered, own)
+        return gathered
+
+    def _checkpoint_dict(self, random_states: list[dict[str, Any]]) -> dict[str, Any]:
         meta = {
             "recipe": to_dict(self.recipe),
             "norm_stats": [self.data.mean, self.data.std],
             "noise_mean": self.data.noise.mean if self.data.noise is not None else None,
-            "noise_state": self.data.noise.state_dict() if self.data.noise is not None else None,
+            "noise_state": random_states[0]["noise_state"],
             "opt_step": self.opt_step,
             "data_iter": self.epoch * self.steps_per_epoch,
             "offline_task": self.task.name if self.task is not None else "none",
             "label_names": self.data.label_names,
             "folder_name": self.folder_name,
             "seed": self.recipe.run.seed,
-            "rng": rng_state(),
+            "rng": random_states[0]["rng"],
+            "per_rank": random_states if len(random_states) > 1 else None,
         }
         return ckpt_io.training_checkpoint(
             self.model, epoch=self.epoch, optimizer=self.optimizer.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler is not None else None,
             args=to_dict(self.recipe), meta=meta)
 
-    def save(self, published: bool) -> Path:
+    def save(self, published: bool, random_states: list[dict[str, Any]]) -> Path:
         """Resume state every epoch; the published-layout checkpoint every `save_every` epochs."""
-        state = self._checkpoint_dict()
+        state = self._checkpoint_dict(random_states)
         if published:
             path = self.run_dir / self.folder_name / f"checkpoint-{self.epoch}.pth"
         else:
@@ -562,8 +584,9 @@ class Pretrainer:
                 if logger:
                     logger.log(row, self.opt_step)
                 published = self.epoch % r.save_every == 0 or self.epoch >= o.epochs or stop
+                random_states = self._gather_random_states()
                 if self.ddp.is_main:
-                    last_saved = self.save(published)
+                    last_saved = self.save(published, random_states)
                     if published and self.on_save is not None and r.report_on_save:
                         self.on_save(last_saved)
                 if self.ddp.enabled:

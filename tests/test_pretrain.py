@@ -163,20 +163,28 @@ def test_kill_9_mid_epoch_then_resume(tmp_path, demo_audio):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_on_cpu(tmp_path, demo_audio):
+def test_ddp_two_processes_on_cpu_then_resume(tmp_path, demo_audio):
     out = tmp_path / "ddp"
+    env = {**os.environ, "M2DX_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([*M2DX, "pretrain", "--recipe", "tiny_cpu", "--nproc", "2", "--data", str(demo_audio),
                            "--out", str(out), "--epochs", "1", "--device", "cpu",
                            "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.min_ds_size=32",
-                           "--set", "optim.batch_size=4", "--set", "data.noise=\"\""],
-                          capture_output=True, text=True, timeout=400,
-                          env={**os.environ, "M2DX_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"})
+                           "--set", "optim.batch_size=4", "--set", f"data.noise=\"{demo_noise_dir()}\""],
+                          capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = ckpt_io.list_checkpoints(out)
     assert [e for e, _ in found] == [1]
     env_facts = json.loads((out / "environment.json").read_text())
     assert env_facts["world_size"] == 2
+    meta = ckpt_io.LoadedCheckpoint(found[0][1]).meta
+    per_rank = meta["per_rank"]
+    assert len(per_rank) == 2  # each rank's RNG and noise cycle, so a resumed DDP run continues exactly
+    assert not torch.equal(per_rank[0]["rng"]["torch"], per_rank[1]["rng"]["torch"])
     ckpt_io.load_encoder(found[0][1])
+    resumed = subprocess.run([*M2DX, "pretrain", "--resume", str(out), "--nproc", "2", "--epochs", "2"],
+                             capture_output=True, text=True, timeout=400, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [e for e, _ in ckpt_io.list_checkpoints(out)] == [1, 2]
 
 
 @pytest.mark.slow
