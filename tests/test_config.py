@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -131,3 +132,24 @@ def test_dump_toml_round_trip(tmp_path):
     assert "noise_dir" not in tomllib.loads(dump_toml(to_dict(plain)))["data"]
     saved = save_resolved(plain, tmp_path / "run" / "recipe.toml", header="x")
     assert load_recipe(Recipe, saved) == plain
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "recipes").glob("*.toml")))
+def test_every_shipped_recipe_validates(recipe):
+    """Each recipe in recipes/ loads against its schema (unknown keys or bad types would fail here)."""
+    from m2dx_clinic.config import find_recipe, read_toml
+    from m2dx_clinic.finetune import FinetuneRecipe
+    from m2dx_clinic.pretrain import PretrainRecipe
+    from m2dx_clinic.tuning import load_search_space
+
+    path = find_recipe(recipe)
+    text = path.read_text()
+    assert text.startswith("#"), "every recipe opens with a usage header"
+    if "tune" in read_toml(path):
+        settings, params = load_search_space(path)
+        assert params
+    elif "finetune" in recipe:
+        load_recipe(FinetuneRecipe, path)
+    else:
+        loaded = load_recipe(PretrainRecipe, path)
+        assert loaded.name == path.stem
