@@ -442,16 +442,13 @@ class Pretrainer:
         if self.scaler is not None and resume.raw.get("scaler"):
             self.scaler.load_state_dict(resume.raw["scaler"])
         ranks = meta.get("per_rank") or []
-        own = ranks[self.ddp.rank] if len(ranks) == self.ddp.world_size else None
-        if own is None and self.ddp.rank > 0:
-            console.print("[yellow]warning: the checkpoint has no state for this rank; its random streams restart[/]")
-        elif own is None:
-            own = {"rng": meta.get("rng"), "noise_state": meta.get("noise_state")}
-        if own is not None:
+        if self.ddp.rank < len(ranks):
+            own = ranks[self.ddp.rank]
             if self.data.noise is not None and own.get("noise_state"):
                 self.data.noise.load_state_dict(own["noise_state"])
-            if own.get("rng"):
-                set_rng_state(own["rng"])
+            set_rng_state(own["rng"])
+        else:
+            console.print("[yellow]warning: the checkpoint has no state for this rank; its random streams restart[/]")
         if int(meta.get("seed", self.recipe.run.seed)) != self.recipe.run.seed:
             console.print("[yellow]warning: the recipe seed differs from the checkpoint's; resuming with the checkpoint state[/]")
 
@@ -474,15 +471,13 @@ class Pretrainer:
             "recipe": to_dict(self.recipe),
             "norm_stats": [self.data.mean, self.data.std],
             "noise_mean": self.data.noise.mean if self.data.noise is not None else None,
-            "noise_state": random_states[0]["noise_state"],
             "opt_step": self.opt_step,
             "data_iter": self.epoch * self.steps_per_epoch,
             "offline_task": self.task.name if self.task is not None else "none",
             "label_names": self.data.label_names,
             "folder_name": self.folder_name,
             "seed": self.recipe.run.seed,
-            "rng": random_states[0]["rng"],
-            "per_rank": random_states if len(random_states) > 1 else None,
+            "per_rank": random_states,  # RNGs and noise cycle of every rank (one entry without DDP)
         }
         return ckpt_io.training_checkpoint(
             self.model, epoch=self.epoch, optimizer=self.optimizer.state_dict(),
@@ -666,14 +661,19 @@ def default_run_dir(recipe: PretrainRecipe) -> Path:
 
 
 def latest_resume_point(run_dir: Path) -> Path | None:
-    """The newest of `state/last.pth` and the published checkpoints, by stored epoch."""
-    candidates = [p for _, p in ckpt_io.list_checkpoints(run_dir)]
+    """The newest of `state/last.pth` and the published checkpoints, by epoch.
+
+    Published files carry their epoch in the name; only `last.pth` is opened (a ViT-B training
+    checkpoint is ~2 GB, so reading every published one just for its epoch would be slow).
+    """
+    published = ckpt_io.list_checkpoints(run_dir)
+    newest = published[-1] if published else None
     last = run_dir / "state" / "last.pth"
     if last.is_file():
-        candidates.append(last)
-    if not candidates:
-        return None
-    return max(candidates, key=lambda p: ckpt_io.LoadedCheckpoint(p).epoch or 0)
+        last_epoch = ckpt_io.LoadedCheckpoint(last).epoch or 0
+        if newest is None or last_epoch > newest[0]:
+            return last
+    return newest[1] if newest else None
 
 
 def start_run(recipe: PretrainRecipe, on_save: Callable[[Path], None] | None = None, progress: bool = True) -> Path:

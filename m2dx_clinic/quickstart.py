@@ -18,7 +18,7 @@ from .config import load_recipe
 from .demo_data import demo_noise_dir, make_demo_icbhi
 from .errors import ConfigError
 from .finetune import FinetuneRecipe, finetune
-from .pretrain import PretrainRecipe, latest_resume_point, resume_run, start_run
+from .pretrain import PretrainRecipe, resume_run, start_run
 from .progress import console
 from .reporting import build_report, render_report_table
 
@@ -81,5 +81,5 @@ def run_quickstart(out: Path, *, data: Path | None = None, noise: Path | None = 
 
 
 def _unfinished(run_dir: Path, epochs: int) -> bool:
-    point = latest_resume_point(run_dir)
-    return point is None or (ckpt_io.LoadedCheckpoint(point).epoch or 0) < epochs
+    """The last epoch is always saved as a published checkpoint, so its file name says the run is done."""
+    return not any(epoch >= epochs for epoch, _ in ckpt_io.list_checkpoints(run_dir))
