@@ -9,6 +9,7 @@ instead of silently training with a default. `dump_toml` writes the resolved cop
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 import types
 import typing
@@ -199,18 +200,20 @@ def to_dict(obj: Any) -> Any:
 
 
 def toml_value(value: Any) -> str:
+    """One value as a TOML literal: recipes written to disk and `key=value` overrides both use it.
+
+    Floats keep `repr` (nan / inf / -inf are TOML too); a JSON string is a valid TOML basic string
+    with every control character escaped. Tables, dates and None have no override form.
+    """
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        return f'"{escaped}"'
+        return json.dumps(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if value is None:
-        raise ValueError("TOML has no null")
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+    raise ConfigError(f"value {value!r} cannot be written as a TOML scalar (tables, dates and null are not supported)")
 
 
 def dump_toml(values: dict[str, Any], header: str = "") -> str:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .audio import FrontEndConfig, LogMelSpectrogram
 from .checkpoint import load_encoder
-from .config import save_resolved, to_dict
+from .config import save_resolved, to_dict, toml_value
 from .data.icbhi import load_cycle
 from .data.tasks import LabelledItem, TaskData, load_task, resolve_normal_class
 from .errors import ConfigError, DataError
@@ -865,28 +865,10 @@ def load_params_toml(path: str | Path) -> list[str]:
             if isinstance(value, dict):
                 walk(name, value)
             else:
-                out.append(f"{name}={_toml_literal(value)}")
+                out.append(f"{name}={toml_value(value)}")
 
     walk("", values)
     return out
-
-
-def _toml_literal(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_literal(v) for v in value) + "]"
-    raise ConfigError(f"parameter value {value!r} cannot be used as an override (dates and tables are not supported)")
 
 
 # ---------------------------------------------------------------------------- entry point
