@@ -9,7 +9,7 @@ Features, each with the recipe key (or CLI flag) that controls it:
 - AMP (bf16 / fp16 + scaler / fp32 on CPU) (`run.amp`), gradient accumulation (`optim.accum_steps`),
   AdamW with decay groups, warm-up + cosine LR per iteration, clipping, EMA per spec (`objective.ema_*`)
 - checkpoints in the published layout every `run.save_every` epochs, written atomically; a resume
-  state every epoch; `resume_run(run_dir)` continues exactly (model, optimiser, scaler, RNG, noise cycle)
+  state every epoch; `resume_run(run_dir)` continues exactly (model, optimiser, scaler, RNG, epoch)
 - DDP when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU
 
 A run directory holds `recipe.toml` (resolved), `metrics.jsonl`, `environment.json`, the checkpoint
@@ -37,8 +37,10 @@ from .config import load_recipe, save_resolved, to_dict
 from .data.downloads import data_root, resolve_noise
 from .data.pretrain_data import (
     CropDataset,
+    KeyedSampler,
     LogMelCache,
     NoiseCropDataset,
+    PretrainItems,
     compute_norm_stats,
     list_training_audio,
     mix_in_log_domain,
@@ -378,7 +380,7 @@ class Pretrainer:
                                     or teacher.config.patch_size[1] != vit.patch_size[1]):
             raise ConfigError("the teacher must have the same input width and patch width as the model")
         self.model.to(self.device)
-        seed_everything(recipe.run.seed + 7919 * self.ddp.rank)  # masks and crops differ between ranks
+        seed_everything(recipe.run.seed + 7919 * self.ddp.rank)  # masks differ between ranks
 
         o = recipe.optim
         self.lr = effective_lr(o.blr, o.batch_size, o.accum_steps, self.ddp.world_size)
@@ -408,29 +410,33 @@ class Pretrainer:
 
     # ------------------------------------------------------------ data loader
     def _make_loader(self) -> torch.utils.data.DataLoader:
+        """Workers crop the training audio and its noise and persist across epochs (no restart per epoch).
+
+        Every item is keyed by (epoch, stream position, index) and seeded from that key, so the batches
+        do not depend on the number of workers, and a resumed run sees the same ones as an uninterrupted run.
+        """
         o, d = self.recipe.optim, self.recipe.data
         if self.ddp.enabled:
-            sampler = torch.utils.data.distributed.DistributedSampler(
+            base = torch.utils.data.distributed.DistributedSampler(
                 self.data.dataset, num_replicas=self.ddp.world_size, rank=self.ddp.rank,
                 shuffle=True, seed=self.recipe.run.seed, drop_last=True)
         else:
             self._sampler_gen = torch.Generator()
-            sampler = torch.utils.data.RandomSampler(self.data.dataset, generator=self._sampler_gen)
-        self._loader_gen = torch.Generator()
+            base = torch.utils.data.RandomSampler(self.data.dataset, generator=self._sampler_gen)
+        self.sampler = KeyedSampler(base)
+        items = PretrainItems(self.data.dataset, self.data.noise, seed=self.recipe.run.seed, rank=self.ddp.rank)
         return torch.utils.data.DataLoader(
-            self.data.dataset, batch_size=o.batch_size, sampler=sampler, drop_last=True,
+            items, batch_size=o.batch_size, sampler=self.sampler, drop_last=True,
             num_workers=d.loader_workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=False, generator=self._loader_gen,
+            persistent_workers=d.loader_workers > 0,
+            generator=torch.Generator().manual_seed(self.recipe.run.seed),  # leaves the global RNG (masks) alone
         )
 
     def _seed_epoch(self, epoch: int) -> None:
-        """Shuffle order and crops of epoch e depend only on (seed, e, rank): resume reproduces them."""
-        base = self.recipe.run.seed * 100003 + epoch * 1009 + self.ddp.rank
-        if self.ddp.enabled:
-            self.loader.sampler.set_epoch(epoch)
-        else:
-            self._sampler_gen.manual_seed(base)
-        self._loader_gen.manual_seed(base + 7)
+        """The shuffle order of epoch e depends only on (seed, e, rank); crops and noise on the item keys."""
+        if not self.ddp.enabled:
+            self._sampler_gen.manual_seed(self.recipe.run.seed * 100003 + epoch * 1009 + self.ddp.rank)
+        self.sampler.set_epoch(epoch)
 
     # ------------------------------------------------------------ state
     def _restore(self, resume: ckpt_io.LoadedCheckpoint) -> None:
@@ -443,19 +449,15 @@ class Pretrainer:
             self.scaler.load_state_dict(resume.raw["scaler"])
         ranks = meta.get("per_rank") or []
         if self.ddp.rank < len(ranks):
-            own = ranks[self.ddp.rank]
-            if self.data.noise is not None and own.get("noise_state"):
-                self.data.noise.load_state_dict(own["noise_state"])
-            set_rng_state(own["rng"])
+            set_rng_state(ranks[self.ddp.rank]["rng"])  # crops and noise need nothing: they follow the item keys
         else:
             console.print("[yellow]warning: the checkpoint has no state for this rank; its random streams restart[/]")
         if int(meta.get("seed", self.recipe.run.seed)) != self.recipe.run.seed:
             console.print("[yellow]warning: the recipe seed differs from the checkpoint's; resuming with the checkpoint state[/]")
 
     def _random_state(self) -> dict[str, Any]:
-        """This rank's random streams: RNGs and the noise cycle."""
-        return {"rng": rng_state(),
-                "noise_state": self.data.noise.state_dict() if self.data.noise is not None else None}
+        """This rank's random streams (the masks); crops and noise are pure functions of the item keys."""
+        return {"rng": rng_state()}
 
     def _gather_random_states(self) -> list[dict[str, Any]]:
         """Every rank's random streams (a collective: all ranks call it), so DDP resumes exactly too."""
@@ -477,7 +479,7 @@ class Pretrainer:
             "label_names": self.data.label_names,
             "folder_name": self.folder_name,
             "seed": self.recipe.run.seed,
-            "per_rank": random_states,  # RNGs and noise cycle of every rank (one entry without DDP)
+            "per_rank": random_states,  # the RNGs of every rank (one entry without DDP)
         }
         return ckpt_io.training_checkpoint(
             self.model, epoch=self.epoch, optimizer=self.optimizer.state_dict(),
@@ -500,13 +502,13 @@ class Pretrainer:
 
     # ------------------------------------------------------------ one step
     def _inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(M2D input, teacher input), normalised; noise mixed on the device per batch (spec §4)."""
+        """(M2D input, teacher input), normalised; noise (cropped by the loader) mixed on the device (spec §4)."""
         lms = batch["lms"].to(self.device, non_blocking=True)
         mean, std = self.data.mean, self.data.std
         if self.data.noise is None:
             clean = (lms - mean) / std
             return clean, clean
-        noise = self.data.noise.sample(lms.shape[0]).to(self.device, non_blocking=True)
+        noise = batch["noise"].to(self.device, non_blocking=True)
         clean, mixed = mix_in_log_domain(lms, noise, self.recipe.data.noise_ratio, mean, self.data.noise.mean, std)
         return (mixed, clean) if self.recipe.data.routing == "paper" else (clean, mixed)
 

@@ -64,11 +64,14 @@ def test_two_epochs_write_published_checkpoints_that_load(tmp_path, demo_audio):
     assert again.optim.batch_size == 8
 
 
-def test_resume_continues_exactly(tmp_path, demo_audio):
-    full = start_run(tiny_recipe(tmp_path / "a", demo_audio, "optim.epochs=3", "run.save_every=3"), progress=False)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_exactly(tmp_path, demo_audio, workers):
+    # with 2 workers the uninterrupted run keeps them across epochs, the resumed one starts new ones
+    opts = ("optim.epochs=3", "run.save_every=3", f"data.loader_workers={workers}")
+    full = start_run(tiny_recipe(tmp_path / "a", demo_audio, *opts), progress=False)
     # the same run cut after epoch 1 (as if killed during epoch 2), then resumed
     cut = tmp_path / "b"
-    recipe = tiny_recipe(cut, demo_audio, "optim.epochs=3", "run.save_every=3")
+    recipe = tiny_recipe(cut, demo_audio, *opts)
     from m2dx_clinic.pretrain import Pretrainer
 
     trainer = Pretrainer(recipe, cut / "run")
@@ -178,7 +181,7 @@ def test_ddp_two_processes_on_cpu_then_resume(tmp_path, demo_audio):
     assert env_facts["world_size"] == 2
     meta = ckpt_io.LoadedCheckpoint(found[0][1]).meta
     per_rank = meta["per_rank"]
-    assert len(per_rank) == 2  # each rank's RNG and noise cycle, so a resumed DDP run continues exactly
+    assert len(per_rank) == 2  # each rank's RNG (masks), so a resumed DDP run continues exactly
     assert not torch.equal(per_rank[0]["rng"]["torch"], per_rank[1]["rng"]["torch"])
     ckpt_io.load_encoder(found[0][1])
     resumed = subprocess.run([*M2DX, "pretrain", "--resume", str(out), "--nproc", "2", "--epochs", "2"],
@@ -199,3 +202,4 @@ def test_further_pretrain_on_shared_icbhi_two_epochs(tmp_path, icbhi_dir, noise_
     assert [e for e, _ in found] == [1, 2]
     assert (tmp_path / "run" / "report" / "report.json").is_file()  # the cheap report refreshed at each save
     ckpt_io.load_encoder(found[-1][1])
+

@@ -15,8 +15,10 @@ from m2dx_clinic.data import pretrain_data as pd_
 from m2dx_clinic.data.pretrain_data import (
     AudioSegment,
     CropDataset,
+    KeyedSampler,
     LogMelCache,
     NoiseCropDataset,
+    PretrainItems,
     compute_norm_stats,
     list_training_audio,
     mix_in_log_domain,
@@ -254,31 +256,27 @@ def _noise_clips(n: int = 5) -> list[np.ndarray]:
 def test_noise_cycle_covers_every_clip_once_per_cycle():
     noise = NoiseCropDataset(_noise_clips(), crop_frames=8, seed=1)
     assert noise.mean == pytest.approx(np.mean([0.0, 1.0, 2.0, 3.0, 4.0]), abs=0.3)
-    drawn = []
-    for batch_size in (2, 3, 4, 1, 5):  # 15 clips = 3 cycles of 5, batches straddle cycle ends
-        batch = noise.sample(batch_size)
-        assert batch.shape == (batch_size, 1, 2, 8)
-        drawn += [int(v) for v in batch[:, 0, 0, 0]]
+    batch = noise.batch(0, 15)  # 3 cycles of 5
+    assert batch.shape == (15, 1, 2, 8)
+    drawn = [int(v) for v in batch[:, 0, 0, 0]]
+    assert drawn == [noise.clip_at(p) for p in range(15)]
     for cycle in range(3):
         assert sorted(drawn[cycle * 5 : cycle * 5 + 5]) == [0, 1, 2, 3, 4]
     assert drawn[:5] != drawn[5:10] or drawn[5:10] != drawn[10:15]  # reshuffled, not a fixed order
+    with pytest.raises(ValueError):
+        noise.clip_at(-1)
 
 
-def test_noise_state_dict_resume_is_exact():
-    first = NoiseCropDataset(_noise_clips(), crop_frames=8, seed=2)
-    first.sample(3)
-    state = first.state_dict()
-    expected = [first.sample(4) for _ in range(3)]
-    resumed = NoiseCropDataset(_noise_clips(), crop_frames=8, seed=99, mean=0.0)
-    resumed.load_state_dict(state)
-    assert resumed.mean == first.mean
-    for want in expected:
-        assert torch.equal(resumed.sample(4), want)
-    gen_a, gen_b = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-    a, b = NoiseCropDataset(_noise_clips(), 8, mean=0.0), NoiseCropDataset(_noise_clips(), 8, mean=0.0)
-    assert torch.equal(a.sample(6, gen_a), b.sample(6, gen_b))
-    with pytest.raises(DataError, match="same noise folder"):
-        NoiseCropDataset(_noise_clips(3), 8, mean=0.0).load_state_dict(state)
+def test_noise_is_a_pure_function_of_seed_and_position():
+    """What makes resume exact and workers interchangeable: no hidden state, any order of access."""
+    a = NoiseCropDataset(_noise_clips(), crop_frames=8, seed=2, mean=0.0)
+    b = NoiseCropDataset(_noise_clips(), crop_frames=8, seed=2, mean=0.0)
+    forward = [a.crop_at(p) for p in range(12)]
+    backward = [b.crop_at(p) for p in reversed(range(12))][::-1]
+    assert all(torch.equal(x, y) for x, y in zip(forward, backward))
+    assert torch.equal(a.batch(7, 4), torch.stack(forward[7:11]))
+    other = NoiseCropDataset(_noise_clips(), crop_frames=8, seed=3, mean=0.0)
+    assert [other.clip_at(p) for p in range(10)] != [a.clip_at(p) for p in range(10)]
 
 
 def test_noise_crops_are_random_and_short_clips_repeat():
@@ -286,15 +284,56 @@ def test_noise_crops_are_random_and_short_clips_repeat():
     short = np.tile(np.array([100.0, 200.0, 300.0], np.float32), (2, 1))
     noise = NoiseCropDataset([ramp, short], crop_frames=8, mean=0.0)
     starts = set()
-    for _ in range(20):
-        for crop in noise.sample(2):
-            row = crop[0, 0].numpy()
-            if row[0] >= 100:  # the short clip, repeated from its start
-                np.testing.assert_array_equal(row, [100, 200, 300, 100, 200, 300, 100, 200])
-            else:
-                np.testing.assert_array_equal(np.diff(row), np.ones(7))
-                starts.add(int(row[0]))
+    for crop in noise.batch(0, 40):
+        row = crop[0, 0].numpy()
+        if row[0] >= 100:  # the short clip, repeated from its start
+            np.testing.assert_array_equal(row, [100, 200, 300, 100, 200, 300, 100, 200])
+        else:
+            np.testing.assert_array_equal(np.diff(row), np.ones(7))
+            starts.add(int(row[0]))
     assert len(starts) > 3
+
+
+def _loader_batches(items: PretrainItems, workers: int, epochs: range) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator()
+    sampler = KeyedSampler(torch.utils.data.RandomSampler(items, generator=gen))
+    loader = torch.utils.data.DataLoader(items, batch_size=4, sampler=sampler, drop_last=True, num_workers=workers,
+                                         persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
+    out = []
+    for epoch in epochs:
+        gen.manual_seed(100 + epoch)
+        sampler.set_epoch(epoch)
+        out += list(loader)
+    return out
+
+
+def test_pretrain_batches_do_not_depend_on_workers_or_restarts():
+    """Persistent workers, no workers, or a loader rebuilt at epoch 2 (a resume): the same batches."""
+    clips = [np.tile(np.arange(50, dtype=np.float32) + 100 * i, (2, 1)) for i in range(5)]
+    items = PretrainItems(CropDataset(clips, 8, min_ds_size=10),
+                          NoiseCropDataset(_noise_clips(), crop_frames=8, seed=4, mean=0.0), seed=9)
+    torch.manual_seed(0)
+    inline = _loader_batches(items, 0, range(3))
+    rng_after = torch.get_rng_state()
+    workers = _loader_batches(items, 2, range(3))
+    resumed = _loader_batches(items, 0, range(2, 3))
+    assert len(inline) == 3 * 2 and set(inline[0]) == {"lms", "index", "noise"}
+    assert inline[0]["noise"].shape == (4, 1, 2, 8)
+    for a, b in zip(inline, workers):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    for a, b in zip(inline[4:], resumed):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(inline[0]["lms"], inline[2]["lms"])  # epochs differ
+    torch.manual_seed(0)
+    torch.rand(1)
+    assert not torch.equal(rng_after, torch.get_rng_state())  # sanity: the check below can fail
+    torch.manual_seed(0)
+    _loader_batches(items, 0, range(1))
+    assert torch.equal(torch.get_rng_state(), rng_after)  # the loader leaves the global RNG (masks) alone
+    # the noise stream continues across epochs: item p of epoch e is at stream position e * len + p
+    sampler = KeyedSampler(range(10))
+    sampler.set_epoch(2)
+    assert [(k.epoch, k.position, k.index) for k in sampler] == [(2, 20 + i, i) for i in range(10)]
 
 
 # -- mixing ----------------------------------------------------------------------------------
@@ -343,7 +382,7 @@ def test_real_noise_clips_cache_and_cycle(noise_dir: Path, tmp_path):
     assert bad == [] and all(a.shape[0] == 80 and a.shape[1] > 400 for a in arrays)
     noise = NoiseCropDataset(arrays, crop_frames=200, num_stat_samples=200)
     assert -16.0 < noise.mean < 5.0
-    batch = noise.sample(6)
+    batch = noise.batch(0, 6)
     assert batch.shape == (6, 1, 80, 200) and torch.isfinite(batch).all()
     mean, std = compute_norm_stats(arrays, 200, num_samples=200)
     clean, mixed = mix_in_log_domain(batch, batch.flip(0), 0.3, mean, noise.mean, std)

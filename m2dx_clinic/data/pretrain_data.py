@@ -2,8 +2,8 @@
 
 The pipeline is: list the audio (a folder or a CSV manifest) -> compute every log-mel once into a
 content-addressed cache (so renaming files reuses it and editing a file invalidates it) -> memory-map
-the cached arrays -> serve random crops, repeated ("inflated") to a minimum epoch size -> optionally
-mix background noise in the log domain on the device, per batch.
+the cached arrays -> serve random crops, repeated ("inflated") to a minimum epoch size, each with
+its noise crop drawn in the loader workers -> mix the noise in the log domain on the device, per batch.
 
 Every problem with the user's files is collected and reported together before training starts, so
 a long run never dies on file 9,000 of 10,000.
@@ -20,7 +20,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -443,11 +443,31 @@ def _check_clips(lms_list: Sequence[Any], what: str) -> None:
             raise ValueError(f"{what} clip {i} has shape {tuple(lms.shape)}, expected [n_mels, frames >= 1]")
 
 
+def keyed_generator(*key: int) -> torch.Generator:
+    """A generator seeded from a tuple of integers (run seed, rank, epoch, item, ...).
+
+    Pre-training draws every random choice of an item from its own key, so what a batch contains
+    depends only on (seed, rank, epoch, position): not on which loader worker made it, how many
+    workers there are, or whether they were restarted. That is what lets the workers persist
+    across epochs and a resumed run still see exactly the batches of an uninterrupted one.
+    """
+    words = [int(k) % (1 << 64) for k in key]
+    seed = int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0])
+    return torch.Generator().manual_seed(seed)
+
+
+def _random_start(frames: int, crop_frames: int, generator: torch.Generator | None) -> int:
+    if frames <= crop_frames:
+        return 0
+    return int(torch.randint(0, frames - crop_frames + 1, (1,), generator=generator).item())
+
+
 class CropDataset(torch.utils.data.Dataset):
     """Random crops of raw (unnormalised) log-mels, the list repeated to at least `min_ds_size`.
 
     Normalisation and noise mixing happen per batch on the device, so crops stay raw here.
-    Randomness comes from torch's global RNG, which DataLoader seeds per worker.
+    `dataset[i]` draws its crop from torch's global RNG; `crop(i, generator)` from the given one
+    (the pre-training loader passes a per-item generator, see `PretrainItems`).
     """
 
     def __init__(
@@ -483,12 +503,15 @@ class CropDataset(torch.utils.data.Dataset):
         return len(self.lms_list) * self.repeats
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
+        return self.crop(i, None)
+
+    def crop(self, i: int, generator: torch.Generator | None) -> dict[str, torch.Tensor | int]:
+        """Item i: {"lms": [1, n_mels, crop_frames], "index": clip index[, "label"]}."""
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         index = i % len(self.lms_list)
         lms = self.lms_list[index]
-        frames = lms.shape[-1]
-        start = int(torch.randint(0, frames - self.crop_frames + 1, (1,)).item()) if frames > self.crop_frames else 0
+        start = _random_start(lms.shape[-1], self.crop_frames, generator)
         item: dict[str, torch.Tensor | int] = {"lms": _crop(lms, start, self.crop_frames).unsqueeze(0), "index": index}
         if self.labels is not None:
             label = self.labels[index]
@@ -502,11 +525,13 @@ class CropDataset(torch.utils.data.Dataset):
 
 
 class NoiseCropDataset:
-    """Background-noise crops drawn from a shuffled cycle over all clips (spec §4).
+    """Background-noise crops along a shuffled cycle over all clips (spec §4), as a pure function of position.
 
-    Every clip is used once per cycle, then a new permutation starts; the permutation, position and
-    internal generator are in `state_dict()` so a resumed run draws exactly the same next clips.
-    `mean` is the noise set's own log-mel mean (noise is centred with it before mixing).
+    Position p of a stream uses clip perm_c[p mod n], where n is the number of clips, c = p // n and
+    perm_c is a permutation seeded by (seed, c): every clip once per cycle, a fresh order each cycle.
+    The crop offset is seeded by (seed, p). So there is no state to save for an exact resume, and any
+    loader worker can produce any position. `mean` is the noise set's own log-mel mean (noise is
+    centred with it before mixing).
     """
 
     def __init__(
@@ -521,67 +546,87 @@ class NoiseCropDataset:
         _check_clips(lms_list, "noise")
         self.lms_list = lms_list
         self.crop_frames = int(crop_frames)
+        self.seed = int(seed)
         self.mean = float(compute_norm_stats(lms_list, crop_frames, num_stat_samples, seed)[0]) if mean is None else float(mean)
-        self._generator = torch.Generator().manual_seed(seed)
-        self._perm: list[int] = []
-        self._pos = 0
+        self._cycle: tuple[int, list[int]] = (-1, [])  # the last permutation used (positions come in runs)
 
     def __len__(self) -> int:
         return len(self.lms_list)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        """A random crop [1, n_mels, crop_frames] of clip i (torch's global RNG)."""
-        return self._random_crop(i, None)
+    def clip_at(self, position: int) -> int:
+        """Index of the clip used at stream `position`."""
+        if position < 0:
+            raise ValueError(f"noise stream positions start at 0, got {position}")
+        cycle, offset = divmod(int(position), len(self.lms_list))
+        if self._cycle[0] != cycle:
+            order = torch.randperm(len(self.lms_list), generator=keyed_generator(self.seed, 0x6E6F, cycle)).tolist()
+            self._cycle = (cycle, order)
+        return self._cycle[1][offset]
 
-    def _random_crop(self, i: int, generator: torch.Generator | None) -> torch.Tensor:
-        lms = self.lms_list[i]
-        frames = lms.shape[-1]
-        if frames > self.crop_frames:
-            start = int(torch.randint(0, frames - self.crop_frames + 1, (1,), generator=generator).item())
-        else:
-            start = 0
+    def crop_at(self, position: int) -> torch.Tensor:
+        """[1, n_mels, crop_frames] raw noise crop at stream `position` (short clips repeat from their start)."""
+        lms = self.lms_list[self.clip_at(position)]
+        start = _random_start(lms.shape[-1], self.crop_frames, keyed_generator(self.seed, 0x6372, position))
         return _crop(lms, start, self.crop_frames).unsqueeze(0)
 
-    def next_indices(self, count: int, generator: torch.Generator | None = None) -> list[int]:
-        """The next `count` clip indices of the cycle (a fresh permutation when one runs out)."""
-        gen = self._generator if generator is None else generator
-        out: list[int] = []
-        while len(out) < count:
-            if self._pos >= len(self._perm):
-                self._perm = torch.randperm(len(self.lms_list), generator=gen).tolist()
-                self._pos = 0
-            take = min(count - len(out), len(self._perm) - self._pos)
-            out.extend(self._perm[self._pos : self._pos + take])
-            self._pos += take
-        return out
+    def batch(self, start: int, count: int) -> torch.Tensor:
+        """[count, 1, n_mels, crop_frames]: the crops at positions start .. start + count - 1."""
+        return torch.stack([self.crop_at(p) for p in range(start, start + count)])
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """[B, 1, n_mels, crop_frames] raw noise crops of the next B clips of the cycle (CPU tensor).
 
-        Without `generator` the internal one (saved in `state_dict`) drives the order and crops.
-        """
-        gen = self._generator if generator is None else generator
-        return torch.stack([self._random_crop(i, gen) for i in self.next_indices(batch_size, gen)])
+class ItemKey(NamedTuple):
+    """What the pre-training sampler hands the dataset: enough to make the item reproducibly."""
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "num_clips": len(self.lms_list),
-            "perm": list(self._perm),
-            "pos": self._pos,
-            "generator": self._generator.get_state(),
-            "mean": self.mean,
-        }
+    epoch: int
+    position: int  # place in this rank's stream of items across epochs (drives the noise cycle)
+    index: int  # item of the (inflated) crop dataset
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if int(state["num_clips"]) != len(self.lms_list):
-            raise DataError(
-                f"the noise set has {len(self.lms_list)} clips but the checkpoint was trained with {state['num_clips']}; "
-                "use the same noise folder as the run you resume, or start a new run"
-            )
-        self._perm = [int(x) for x in state["perm"]]
-        self._pos = int(state["pos"])
-        self._generator.set_state(state["generator"])
-        self.mean = float(state["mean"])
+
+class KeyedSampler(torch.utils.data.Sampler):
+    """Wraps the shuffling sampler and numbers its indices with the epoch and the stream position.
+
+    It runs in the main process, so `set_epoch` reaches it even when the loader workers persist.
+    """
+
+    def __init__(self, base: torch.utils.data.Sampler):
+        self.base = base
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __iter__(self):
+        first = self.epoch * len(self)
+        for offset, index in enumerate(self.base):
+            yield ItemKey(self.epoch, first + offset, int(index))
+
+
+class PretrainItems(torch.utils.data.Dataset):
+    """The pre-training loader's dataset: a training crop and, with a noise set, its noise crop.
+
+    Indexed by `ItemKey`; the crop is seeded by (seed, rank, epoch, index) and the noise by the
+    stream position, so loader workers do the cropping (off the training loop's thread, pinned by
+    the loader) and can persist across epochs without changing what the run sees.
+    """
+
+    def __init__(self, crops: CropDataset, noise: NoiseCropDataset | None, seed: int, rank: int = 0):
+        self.crops, self.noise = crops, noise
+        self.seed, self.rank = int(seed), int(rank)
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def __getitem__(self, key: ItemKey) -> dict[str, torch.Tensor | int]:
+        epoch, position, index = key
+        item = self.crops.crop(index, keyed_generator(self.seed, self.rank, epoch, index))
+        if self.noise is not None:
+            item["noise"] = self.noise.crop_at(position)
+        return item
 
 
 # --------------------------------------------------------------------------------------------
