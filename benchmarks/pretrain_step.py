@@ -74,7 +74,8 @@ def main() -> None:
     ap.add_argument("--offline", choices=["teacher", "none"], default="teacher")
     ap.add_argument("--noise-ratio", type=float, default=0.3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--amp", choices=["bf16", "fp16", "off"], default="bf16")
+    ap.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                    help="auto: bf16 on CUDA, fp32 on CPU; bf16 on a CPU uses its bf16 matrix units where present")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
@@ -95,7 +96,11 @@ def main() -> None:
     forward_model = torch.compile(model, mode=args.compile_mode) if args.compile else model
     if teacher_task is not None and args.compile:
         teacher_task.teacher.encode_lms = torch.compile(teacher_task.teacher.encode_lms, mode=args.compile_mode)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp] if device.type == "cuda" else None
+    if args.amp == "auto":
+        args.amp = "bf16" if device.type == "cuda" else "off"
+    if args.amp == "fp16" and device.type != "cuda":
+        raise SystemExit("--amp fp16 is for CUDA; use --amp bf16 or off on a CPU")
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
     use_fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=use_fused)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
@@ -147,7 +152,7 @@ def main() -> None:
         "config": f"ViT d{args.dim} L{args.depth} h{args.heads}, {args.input[0]}x{args.input[1]} p{args.patch[0]}x{args.patch[1]}, "
                   f"predictor d{args.predictor_dim} L{args.predictor_depth}, offline={args.offline}, mask {args.mask_ratio}",
         "batch": args.batch,
-        "amp": args.amp if device.type == "cuda" else "fp32",
+        "amp": {"off": "fp32"}.get(args.amp, args.amp),
         "compile": args.compile and args.compile_mode,
         "steps": args.steps,
         "samples_per_s": round(samples_per_s, 2),

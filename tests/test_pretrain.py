@@ -203,3 +203,32 @@ def test_further_pretrain_on_shared_icbhi_two_epochs(tmp_path, icbhi_dir, noise_
     assert (tmp_path / "run" / "report" / "report.json").is_file()  # the cheap report refreshed at each save
     ckpt_io.load_encoder(found[-1][1])
 
+
+def test_amp_choice_on_cpu(monkeypatch):
+    from m2dx_clinic import pretrain
+
+    cpu = torch.device("cpu")
+    for available in (True, False):
+        monkeypatch.setattr(pretrain, "cpu_has_bf16_matmul", lambda: available)
+        assert pretrain.pick_amp("auto", cpu) is None  # the default: fp32 on CPU
+        assert pretrain.pick_amp("off", cpu) is None
+        assert pretrain.pick_amp("fp16", cpu) is None  # never fp16 on a CPU
+        assert pretrain.pick_amp("bf16", cpu) == (torch.bfloat16 if available else None)
+
+
+def test_bf16_step_on_cpu_matches_fp32_closely():
+    torch.manual_seed(0)
+    cfg = ViTConfig(embed_dim=64, depth=2, num_heads=4)
+    teacher = TeacherTask(AudioViT(cfg))
+    model = M2D(cfg, PredictorConfig(64, 1, 4), offline_dim=teacher.out_dim)
+    x = torch.randn(4, 1, 80, 200)
+    values = {}
+    for dtype in (None, torch.bfloat16):
+        torch.manual_seed(1)  # the same masks
+        losses = m2dx_losses(model, model, teacher, x, x, {}, mask_ratio=0.7, lambda_m2d=1.0, lambda_off=1.0,
+                             amp_dtype=dtype)
+        losses["loss"].backward()
+        values[dtype] = losses["loss"].item()
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+        model.zero_grad()
+    assert values[torch.bfloat16] == pytest.approx(values[None], rel=0.05)
