@@ -9,8 +9,9 @@ few epochs and prints ONE JSON line per configuration:
 - `main_thread_noise`: the earlier design: workers restart every epoch and the training thread
   draws the noise crops per batch (`NoiseCropDataset.batch`).
 
-`wait_ms_per_batch` is the time the training thread spends getting a batch (loader hand-off plus,
-for `main_thread_noise`, the noise crops). On a GPU this is time the step cannot overlap, so it
+`wait_ms_per_batch` is the mean time the training thread spends getting a batch (loader hand-off
+plus, for `main_thread_noise`, the noise crops); the median and the first batch of each epoch
+(worker start-up, empty prefetch queue) are printed apart. On a GPU this is time the step cannot overlap, so it
 caps samples/s: the compiled ViT-B step takes ~34 ms at batch 64 on an H200 (BENCHMARKS.md).
 
     python benchmarks/loader_throughput.py --workers 2 --batch 64 --items 2560 --epochs 3
@@ -56,7 +57,7 @@ def run(items: PretrainItems, noise: NoiseCropDataset, args: argparse.Namespace,
         loader_items, batch_size=args.batch, sampler=sampler, drop_last=True, num_workers=args.workers,
         persistent_workers=(mode == "workers_persist" and args.workers > 0),
         generator=torch.Generator().manual_seed(0))
-    waits, batches = 0.0, 0
+    waits: list[float] = []
     start = time.perf_counter()
     for epoch in range(args.epochs):
         gen.manual_seed(epoch)
@@ -72,14 +73,17 @@ def run(items: PretrainItems, noise: NoiseCropDataset, args: argparse.Namespace,
             if mode == "main_thread_noise":
                 batch["noise"] = noise.batch(position, batch["lms"].shape[0])
                 position += batch["lms"].shape[0]
-            waits += time.perf_counter() - t0
-            batches += 1
+            waits.append(time.perf_counter() - t0)
             if args.step_ms:
                 time.sleep(args.step_ms / 1000)  # stands in for the GPU step the host would launch
     total = time.perf_counter() - start
+    batches = len(waits)
     return {"mode": mode, "workers": args.workers, "batch": args.batch, "epochs": args.epochs, "batches": batches,
             "samples_per_s": round(batches * args.batch / total, 1),
-            "wait_ms_per_batch": round(1000 * waits / max(batches, 1), 2), "simulated_step_ms": args.step_ms}
+            "wait_ms_per_batch": round(1000 * float(np.mean(waits)), 2),
+            "median_wait_ms": round(1000 * float(np.median(waits)), 2),
+            "first_batch_of_epoch_wait_ms": round(1000 * float(np.mean(waits[:: batches // args.epochs])), 1),
+            "simulated_step_ms": args.step_ms}
 
 
 def main() -> None:
