@@ -14,19 +14,4 @@ run 120 --batch 128 --amp bf16 --steps 20 --warmup 5                  # larger b
 run 120 --batch 64 --amp fp16 --steps 20 --warmup 5                   # fp16 + GradScaler path
 run 240 --batch 64 --amp bf16 --steps 30 --warmup 5 --compile         # torch.compile
 # The real loop (data loader, noise cycling, EMA, checkpoint save) for one epoch of ViT-B from scratch.
-timeout 240 python3 - <<'PY' 2>&1 | tail -20
-import json, os, time
-from pathlib import Path
-from m2dx_clinic.config import load_recipe
-from m2dx_clinic.demo_data import make_demo_icbhi, demo_noise_dir
-from m2dx_clinic.pretrain import PretrainRecipe, start_run
-root = Path("/tmp/loop"); make_demo_icbhi(root / "data", num_patients=20, recordings_per_patient=2)
-recipe = load_recipe(PretrainRecipe, "icbhi_m2dx", [
-    "base=", f"data.data={root}/data/ICBHI_final_database", f"data.noise={demo_noise_dir()}",
-    f"data.cache_dir={root}/cache", "data.min_ds_size=2560", "data.loader_workers=8", "data.norm_stats_samples=2000",
-    "optim.epochs=1", "optim.warmup_epochs=0", f"run.out={root}/run", "run.log_every=5"])
-t = time.time(); start_run(recipe, progress=False); print("loop wall", round(time.time() - t, 1))
-rows = [json.loads(l) for l in open(root / "run/metrics.jsonl")]
-print(json.dumps(rows[-1]))
-os.system(f"cp {root}/run/metrics.jsonl $OUT/loop.jsonl; ls -la {root}/run/*/")
-PY
+timeout 240 python3 benchmarks/pretrain_loop.py --items 2560 --epochs 1 --workers 8 --metrics-out "$OUT/loop.jsonl"

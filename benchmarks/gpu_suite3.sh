@@ -18,25 +18,7 @@ OUT=${OUT:-/tmp/m2dx_bench}; export OUT; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 step() { echo "+ $*"; timeout "$1" python3 benchmarks/pretrain_step.py "${@:2}" | tee -a "$OUT/bench.jsonl"; }
 step 120 --batch 64 --steps 30 --warmup 8 --compile
-timeout 240 python3 - <<'PY' 2>&1 | tail -8
-import json, os, time
-from pathlib import Path
-from m2dx_clinic.config import load_recipe
-from m2dx_clinic.demo_data import make_demo_icbhi, demo_noise_dir
-from m2dx_clinic.pretrain import PretrainRecipe, start_run
-root = Path("/tmp/loop3"); make_demo_icbhi(root / "data", num_patients=20, recordings_per_patient=2)
-recipe = load_recipe(PretrainRecipe, "icbhi_m2dx", [
-    "base=", f"data.data={root}/data/ICBHI_final_database", f"data.noise={demo_noise_dir()}",
-    f"data.cache_dir={root}/cache", "data.min_ds_size=3840", "data.loader_workers=8", "data.norm_stats_samples=2000",
-    "optim.epochs=3", "optim.warmup_epochs=0", f"run.out={root}/run", "run.log_every=5", "run.save_every=3",
-    "run.compile=true", "run.report_on_save=false"])
-t = time.time(); start_run(recipe, progress=False); print("loop wall", round(time.time() - t, 1))
-rows = [json.loads(l) for l in open(f"{root}/run/metrics.jsonl")]
-late = [r["samples_per_s"] for r in rows if r["epoch"] >= 2 and not r.get("epoch_end")]
-ends = [round(r["samples_per_s"]) for r in rows if r.get("epoch_end")]
-print("loop windows epoch>=2: median", sorted(late)[len(late) // 2] if late else None, "epoch averages", ends)
-os.system(f"cp {root}/run/metrics.jsonl $OUT/loop_persistent.jsonl")
-PY
+timeout 240 python3 benchmarks/pretrain_loop.py --items 3840 --epochs 3 --workers 8 --compile --metrics-out "$OUT/loop_persistent.jsonl" | tee -a "$OUT/loop.jsonl"
 step 300 --batch 64 --steps 30 --warmup 8 --compile --compile-mode max-autotune-no-cudagraphs
 echo "== summary"; cat "$OUT/bench.jsonl" | python3 -c "
 import json, sys

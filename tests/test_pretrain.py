@@ -91,11 +91,16 @@ def test_resume_continues_exactly(tmp_path, demo_audio, workers):
         assert torch.equal(value, b.state[key]), key
 
 
-def test_grad_accumulation_matches_one_big_batch():
+def tiny_m2dx() -> tuple[M2D, TeacherTask]:
+    """A 64-d M2D-X model and its frozen teacher, seeded."""
     torch.manual_seed(0)
     cfg = ViTConfig(embed_dim=64, depth=2, num_heads=4)
     teacher = TeacherTask(AudioViT(cfg))
-    model = M2D(cfg, PredictorConfig(64, 1, 4), offline_dim=teacher.out_dim)
+    return M2D(cfg, PredictorConfig(64, 1, 4), offline_dim=teacher.out_dim), teacher
+
+
+def test_grad_accumulation_matches_one_big_batch():
+    model, teacher = tiny_m2dx()
     x = torch.randn(8, 1, 80, 200)
 
     def grads(chunks: int) -> dict[str, torch.Tensor]:
@@ -217,10 +222,7 @@ def test_amp_choice_on_cpu(monkeypatch):
 
 
 def test_bf16_step_on_cpu_matches_fp32_closely():
-    torch.manual_seed(0)
-    cfg = ViTConfig(embed_dim=64, depth=2, num_heads=4)
-    teacher = TeacherTask(AudioViT(cfg))
-    model = M2D(cfg, PredictorConfig(64, 1, 4), offline_dim=teacher.out_dim)
+    model, teacher = tiny_m2dx()
     x = torch.randn(4, 1, 80, 200)
     values = {}
     for dtype in (None, torch.bfloat16):
