@@ -27,7 +27,7 @@ from m2dx_clinic.data.pretrain_data import mix_in_log_domain  # noqa: E402
 from m2dx_clinic.models.m2d import M2D, PredictorConfig  # noqa: E402
 from m2dx_clinic.models.vit import AudioViT, ViTConfig, param_groups  # noqa: E402
 from m2dx_clinic.objectives import TeacherTask  # noqa: E402
-from m2dx_clinic.pretrain import m2dx_losses, optimizer_step  # noqa: E402
+from m2dx_clinic.pretrain import compile_for_training, m2dx_losses, optimizer_step  # noqa: E402
 
 
 def encoder_flops(tokens: int, dim: int, depth: int, mlp_ratio: float) -> float:
@@ -93,9 +93,7 @@ def main() -> None:
     if args.offline == "teacher":
         teacher_task = TeacherTask(AudioViT(vit).to(device))
     model = M2D(vit, pred, offline_dim=teacher_task.out_dim if teacher_task else None).to(device)
-    forward_model = torch.compile(model, mode=args.compile_mode) if args.compile else model
-    if teacher_task is not None and args.compile:
-        teacher_task.teacher.encode_lms = torch.compile(teacher_task.teacher.encode_lms, mode=args.compile_mode)
+    forward_model = compile_for_training(model, teacher_task, args.compile_mode) if args.compile else model
     if args.amp == "auto":
         args.amp = "bf16" if device.type == "cuda" else "off"
     if args.amp == "fp16" and device.type != "cuda":

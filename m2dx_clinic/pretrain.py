@@ -408,7 +408,7 @@ class Pretrainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if recipe.run.compile:
-            self.ddp_model = torch.compile(self.ddp_model)
+            self.ddp_model = compile_for_training(self.ddp_model, self.task)
 
         self.loader = self._make_loader()
         self.steps_per_epoch = len(self.loader)  # data iterations
@@ -625,6 +625,18 @@ class Pretrainer:
                 f"loss became {row['loss']} at epoch {row['epoch']} step {row['opt_step']}; {where}; "
                 "lower optim.blr or run with --amp off"
             )
+
+
+def compile_for_training(forward_model: torch.nn.Module, task: OfflineTask | None,
+                         mode: str = "default") -> torch.nn.Module:
+    """torch.compile the trained model and, with the teacher task, the frozen teacher's forward.
+
+    The teacher is ~14% of an M2D-X ViT-B step's FLOPs; left eager it costs the loop what the
+    compiled step gains. Returns the compiled forward model; the task is changed in place.
+    """
+    if isinstance(task, TeacherTask):
+        task.teacher.encode_lms = torch.compile(task.teacher.encode_lms, mode=mode)
+    return torch.compile(forward_model, mode=mode)
 
 
 def m2dx_losses(model: M2D, forward_model: torch.nn.Module, task: OfflineTask | None, m2d_input: torch.Tensor,
