@@ -3,8 +3,8 @@
 #
 # 1. The real further-pretraining loop, compiled, with the loader that crops audio AND noise in
 #    persistent workers (previous design: noise cropped on the training thread per batch, workers
-#    restarted every epoch; it ran 1,550-1,670 samples/s per window against 1,870 for the isolated
-#    step). Prediction: the per-window figure moves to within ~5% of the isolated step (~1,780).
+#    restarted every epoch, and the frozen teacher ran eager; it ran 1,550-1,670 samples/s per window
+#    against 1,870 for the isolated step). Prediction: within ~5% of the isolated step (~1,780).
 # 2. The isolated step with torch.compile mode "max-autotune-no-cudagraphs": Triton GEMM templates
 #    can fuse the GELU into the fc1 epilogue (unfused GELU was ~6% of GPU time). Prediction: +5%.
 # 3. The baseline isolated step on the same card, so every figure compares within one machine.
