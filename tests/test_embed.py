@@ -33,7 +33,7 @@ def _noise(seconds: float, seed: int) -> np.ndarray:
 
 def test_embed_files_writes_features_and_collects_failures(tiny_checkpoint, wav_writer, tmp_path):
     a = wav_writer("in/a.wav", _noise(1.3, 1))  # 131 frames -> chunks 40*3 + 11 (padded to 12) -> 33 time steps
-    b = wav_writer("in/b.wav", _noise(0.5, 2))  # 51 frames -> padded 52 -> 13
+    wav_writer("in/b.wav", _noise(0.5, 2))  # 51 frames -> padded 52 -> 13
     bad = tmp_path / "in" / "bad.wav"
     bad.write_bytes(b"this is not audio")
     out = tmp_path / "out"
