@@ -14,12 +14,14 @@ bf16 FLOP/s of the GPU (--peak-tflops, default 989 for H100/H200 SXM).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -52,6 +54,15 @@ def step_flops(vit: ViTConfig, pred: PredictorConfig, mask_ratio: float, teacher
     return float(total)
 
 
+SDPA_BACKENDS = {
+    "auto": None,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
 def parse_pair(text: str) -> tuple[int, int]:
     a, b = text.lower().split("x")
     return int(a), int(b)
@@ -81,7 +92,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU for MFU")
     ap.add_argument("--profile", type=Path, default=None, help="write a torch.profiler table of 5 steps to this file")
+    ap.add_argument("--sdpa", choices=sorted(SDPA_BACKENDS), default="auto",
+                    help="force one scaled-dot-product-attention kernel (auto: PyTorch's choice)")
     args = ap.parse_args()
+    if args.sdpa != "auto":  # for the whole run, so torch.compile traces with it too
+        contextlib.ExitStack().enter_context(sdpa_kernel(SDPA_BACKENDS[args.sdpa]))
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -152,6 +167,7 @@ def main() -> None:
         "batch": args.batch,
         "amp": {"off": "fp32"}.get(args.amp, args.amp),
         "compile": args.compile and args.compile_mode,
+        "sdpa": args.sdpa,
         "steps": args.steps,
         "samples_per_s": round(samples_per_s, 2),
         "step_ms": round(step_s * 1000, 2),

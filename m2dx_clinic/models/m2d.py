@@ -84,10 +84,9 @@ class M2D(AudioViT):
 
     @torch.no_grad()
     def update_target(self, decay: float) -> None:
-        """target <- decay * target + (1 - decay) * online, fused over all tensors (no host sync)."""
+        """target <- decay * target + (1 - decay) * online, one fused pass over all tensors (no host sync)."""
         target, online = self.ema_pairs()
-        torch._foreach_mul_(target, decay)
-        torch._foreach_add_(target, [o.detach() for o in online], alpha=1.0 - decay)
+        torch._foreach_lerp_(target, [o.detach() for o in online], 1.0 - decay)
 
     # ----------------------------------------------------------------- forward parts
     def encode_visible(self, patches: torch.Tensor, ids_visible: torch.Tensor) -> torch.Tensor:
