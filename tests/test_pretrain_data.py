@@ -294,7 +294,8 @@ def test_noise_crops_are_random_and_short_clips_repeat():
     assert len(starts) > 3
 
 
-def _loader_batches(items: PretrainItems, workers: int, epochs: range) -> list[dict[str, torch.Tensor]]:
+def _loader_batches(items: PretrainItems, workers: int, epochs: range,
+                    stop_after: int | None = None) -> list[dict[str, torch.Tensor]]:
     gen = torch.Generator()
     sampler = KeyedSampler(torch.utils.data.RandomSampler(items, generator=gen))
     loader = torch.utils.data.DataLoader(items, batch_size=4, sampler=sampler, drop_last=True, num_workers=workers,
@@ -303,7 +304,10 @@ def _loader_batches(items: PretrainItems, workers: int, epochs: range) -> list[d
     for epoch in epochs:
         gen.manual_seed(100 + epoch)
         sampler.set_epoch(epoch)
-        out += list(loader)
+        for i, batch in enumerate(loader):
+            if stop_after is not None and i >= stop_after:
+                break  # as the training loop does with a partial accumulation cycle or max_steps
+            out.append(batch)
     return out
 
 
@@ -322,6 +326,11 @@ def test_pretrain_batches_do_not_depend_on_workers_or_restarts():
     for a, b in zip(inline, workers):
         assert all(torch.equal(a[k], b[k]) for k in a)
     for a, b in zip(inline[4:], resumed):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # persistent workers left mid-epoch still hand the next epoch exactly its own batches
+    cut_inline, cut_workers = _loader_batches(items, 0, range(3), 1), _loader_batches(items, 2, range(3), 1)
+    assert len(cut_workers) == 3
+    for a, b in zip(cut_inline, cut_workers):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(inline[0]["lms"], inline[2]["lms"])  # epochs differ
     torch.manual_seed(0)
