@@ -293,8 +293,10 @@ def prepare_data(recipe: PretrainRecipe, frontend: FrontEndConfig, crop_frames: 
         noise_segments = list_training_audio(resolve_noise(recipe.data.noise, root))
         noise_lms, bad_noise = cache.build(noise_segments, workers=recipe.data.cache_workers,
                                            skip_bad=recipe.data.skip_bad, progress=progress)
-        noise = NoiseCropDataset(noise_lms, crop_frames, mean=noise_mean, seed=recipe.run.seed + 17 + 7919 * rank,
-                                 num_stat_samples=min(recipe.data.norm_stats_samples, 10000))
+        if noise_mean is None:  # the same sample on every rank, so all ranks centre the noise alike
+            noise_mean = compute_norm_stats(noise_lms, crop_frames, min(recipe.data.norm_stats_samples, 10000),
+                                            recipe.run.seed + 17)[0]
+        noise = NoiseCropDataset(noise_lms, crop_frames, mean=noise_mean, seed=recipe.run.seed + 17 + 7919 * rank)
     return TrainingData(dataset, noise, float(norm_stats[0]), float(norm_stats[1]), len(lms_list), names)
 
 
@@ -469,7 +471,8 @@ class Pretrainer:
         else:
             console.print("[yellow]warning: the checkpoint has no state for this rank; its random streams restart[/]")
         if int(meta.get("seed", self.recipe.run.seed)) != self.recipe.run.seed:
-            console.print("[yellow]warning: the recipe seed differs from the checkpoint's; resuming with the checkpoint state[/]")
+            console.print("[yellow]warning: the recipe seed differs from the checkpoint's: the masks continue from the "
+                          "checkpoint, the crops and noise follow the new seed[/]")
 
     def _random_state(self) -> dict[str, Any]:
         """This rank's random streams (the masks); crops and noise are pure functions of the item keys."""

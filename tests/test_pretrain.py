@@ -99,6 +99,17 @@ def tiny_m2dx() -> tuple[M2D, TeacherTask]:
     return M2D(cfg, PredictorConfig(64, 1, 4), offline_dim=teacher.out_dim), teacher
 
 
+def test_every_rank_centres_the_noise_alike_but_draws_its_own(tmp_path, demo_audio):
+    from m2dx_clinic.audio import FrontEndConfig
+    from m2dx_clinic.pretrain import prepare_data
+
+    recipe = tiny_recipe(tmp_path, demo_audio)
+    ranks = [prepare_data(recipe, FrontEndConfig(), 200, None, None, progress=False, rank=r) for r in (0, 1)]
+    assert ranks[0].noise.mean == ranks[1].noise.mean
+    assert ranks[0].noise.seed != ranks[1].noise.seed
+    assert [ranks[0].noise.clip_at(p) for p in range(8)] != [ranks[1].noise.clip_at(p) for p in range(8)]
+
+
 def test_grad_accumulation_matches_one_big_batch():
     model, teacher = tiny_m2dx()
     x = torch.randn(8, 1, 80, 200)
