@@ -16,7 +16,7 @@
 #
 # Usage on the device (wheels carried in .whl/ because the machine has no soundfile):
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
-#   PYTHONPATH=/tmp/site:$PWD bash benchmarks/gpu_suite3.sh
+#   PYTHONPATH=/tmp/site:$PWD bash benchmarks/gpu_suite3.sh 1     (then the same with 2)
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-}:$PWD" M2DX_NO_PROGRESS=1
 OUT=${OUT:-/tmp/m2dx_bench}; export OUT; mkdir -p "$OUT"
