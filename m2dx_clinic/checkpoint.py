@@ -35,14 +35,17 @@ _DECODER_INDEX = re.compile(r"^decoder_blocks\.(\d+)\.")
 
 
 # ---------------------------------------------------------------------------- loading
-def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
-    """torch.load with weights_only=True + the allow-list; anything else is refused with a clear message."""
+def load_checkpoint_file(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
+    """torch.load with weights_only=True + the allow-list; anything else is refused with a clear message.
+
+    `mmap=True` maps the tensors instead of reading them (zip-format files only): for metadata.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found; pass a .pth file, a run folder or a published name")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         lines = str(exc).strip().splitlines()
         detail = next((ln.strip() for ln in lines if "GLOBAL" in ln or "global" in ln), None)
@@ -178,8 +181,26 @@ class LoadedCheckpoint:
 
     @property
     def epoch(self) -> int | None:
-        epoch = self.raw.get("epoch")
-        return int(epoch) if isinstance(epoch, (int, float)) else None
+        return _epoch_of(self.raw)
+
+
+def _epoch_of(raw: dict[str, Any]) -> int | None:
+    epoch = raw.get("epoch")
+    return int(epoch) if isinstance(epoch, (int, float)) else None
+
+
+def peek_checkpoint(path: str | Path) -> tuple[int | None, dict[str, Any]]:
+    """(epoch, our metadata) of a checkpoint without reading its weights.
+
+    A ViT-B training checkpoint is ~2 GB; memory-mapping it reads only the small pickled part.
+    Files in the legacy (non-zip) format cannot be mapped and are read whole.
+    """
+    try:
+        raw = load_checkpoint_file(path, mmap=True)
+    except CheckpointError:
+        raw = load_checkpoint_file(path)  # legacy format, or a real problem: reported by this full read
+    meta = raw.get(META_KEY)
+    return _epoch_of(raw), meta if isinstance(meta, dict) else {}
 
 
 def open_checkpoint(name_or_path: str | Path, *, download: bool = False) -> LoadedCheckpoint:

@@ -453,7 +453,7 @@ class Pretrainer:
     def _seed_epoch(self, epoch: int) -> None:
         """The shuffle order of epoch e depends only on (seed, e, rank); crops and noise on the item keys."""
         if not self.ddp.enabled:
-            self._sampler_gen.manual_seed(self.recipe.run.seed * 100003 + epoch * 1009 + self.ddp.rank)
+            self._sampler_gen.manual_seed(self.recipe.run.seed * 100003 + epoch * 1009)
         self.sampler.set_epoch(epoch)
 
     # ------------------------------------------------------------ state
@@ -696,14 +696,14 @@ def default_run_dir(recipe: PretrainRecipe) -> Path:
 def latest_resume_point(run_dir: Path) -> Path | None:
     """The newest of `state/last.pth` and the published checkpoints, by epoch.
 
-    Published files carry their epoch in the name; only `last.pth` is opened (a ViT-B training
-    checkpoint is ~2 GB, so reading every published one just for its epoch would be slow).
+    Published files carry their epoch in the name; `last.pth` is only peeked at for its epoch
+    (a ViT-B training checkpoint is ~2 GB; the resume reads it once, later).
     """
     published = ckpt_io.list_checkpoints(run_dir)
     newest = published[-1] if published else None
     last = run_dir / "state" / "last.pth"
     if last.is_file():
-        last_epoch = ckpt_io.LoadedCheckpoint(last).epoch or 0
+        last_epoch = ckpt_io.peek_checkpoint(last)[0] or 0
         if newest is None or last_epoch > newest[0]:
             return last
     return newest[1] if newest else None

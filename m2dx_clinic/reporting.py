@@ -387,7 +387,7 @@ def _load_run_recipe(run_dir: Path, checkpoints: list[tuple[int, Path]]) -> tupl
     else:
         for _, path in reversed(checkpoints):
             try:
-                meta = ckpt_io.LoadedCheckpoint(path).meta
+                meta = ckpt_io.peek_checkpoint(path)[1]
             except M2DXError:
                 continue
             if isinstance(meta.get("recipe"), dict):
@@ -687,7 +687,7 @@ def _resolve_norm_stats(meta: dict[str, Any], run_stats: tuple[float, float] | N
 def _run_norm_stats(checkpoints: list[tuple[int, Path]]) -> tuple[float, float] | None:
     for _, path in reversed(checkpoints):
         try:
-            stats = ckpt_io.LoadedCheckpoint(path).meta.get("norm_stats")
+            stats = ckpt_io.peek_checkpoint(path)[1].get("norm_stats")
         except M2DXError:
             continue
         if isinstance(stats, (list, tuple)) and len(stats) == 2:

@@ -20,6 +20,7 @@ from m2dx_clinic.checkpoint import (
     load_checkpoint_file,
     load_encoder,
     open_checkpoint,
+    peek_checkpoint,
     strict_load,
     training_checkpoint,
 )
@@ -176,11 +177,17 @@ class _Exploit:
         return (os.system, (self.command,))
 
 
+def _crafted(tmp_path: Path) -> Path:
+    """A checkpoint whose pickle would run `touch tmp_path/pwned` if it were unpickled unsafely."""
+    path = tmp_path / "evil" / "checkpoint-1.pth"
+    path.parent.mkdir(exist_ok=True)
+    torch.save({"model": make_model().state_dict(), "args": _Exploit(f"touch {tmp_path / 'pwned'}")}, str(path))
+    return path
+
+
 def test_crafted_pickle_is_refused_without_running(tmp_path):
     marker = tmp_path / "pwned"
-    path = tmp_path / "evil" / "checkpoint-1.pth"
-    path.parent.mkdir()
-    torch.save({"model": make_model().state_dict(), "args": _Exploit(f"touch {marker}")}, str(path))
+    path = _crafted(tmp_path)
     assert not marker.exists()
     with pytest.raises(CheckpointError, match="refused to load"):
         load_encoder(path)
@@ -199,6 +206,20 @@ def test_unreadable_files(tmp_path, kind):
     bad.write_bytes(payload)
     with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
         load_checkpoint_file(bad)
+
+
+def test_peek_reads_epoch_and_metadata_without_the_weights(tmp_path):
+    model = make_model()
+    ckpt = training_checkpoint(model, epoch=4, optimizer=None, scaler=None, args={}, meta={"norm_stats": [-6.0, 4.0]})
+    path = save_published(tmp_path, ckpt, checkpoint_folder_name(TINY, offline=False, date=DATE), epoch=4)
+    loaded = open_checkpoint(path)
+    assert peek_checkpoint(path) == (4, loaded.meta) and loaded.meta["norm_stats"] == [-6.0, 4.0]
+    legacy = tmp_path / "legacy.pth"  # the pre-zip format cannot be memory-mapped: read whole instead
+    torch.save({"model": model.state_dict(), "epoch": 2}, str(legacy), _use_new_zipfile_serialization=False)
+    assert peek_checkpoint(legacy) == (2, {})
+    with pytest.raises(CheckpointError, match="allow-list"):  # the safety of the full load is kept
+        peek_checkpoint(_crafted(tmp_path))
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_missing_path():
