@@ -293,10 +293,10 @@ def prepare_data(recipe: PretrainRecipe, frontend: FrontEndConfig, crop_frames: 
         noise_segments = list_training_audio(resolve_noise(recipe.data.noise, root))
         noise_lms, bad_noise = cache.build(noise_segments, workers=recipe.data.cache_workers,
                                            skip_bad=recipe.data.skip_bad, progress=progress)
-        if noise_mean is None:  # the same sample on every rank, so all ranks centre the noise alike
-            noise_mean = compute_norm_stats(noise_lms, crop_frames, min(recipe.data.norm_stats_samples, 10000),
-                                            recipe.run.seed + 17)[0]
-        noise = NoiseCropDataset(noise_lms, crop_frames, mean=noise_mean, seed=recipe.run.seed + 17 + 7919 * rank)
+        # each rank draws its own noise stream, but all centre it with the mean of the same sample
+        noise = NoiseCropDataset(noise_lms, crop_frames, mean=noise_mean, seed=recipe.run.seed + 17 + 7919 * rank,
+                                 stats_seed=recipe.run.seed + 17,
+                                 num_stat_samples=min(recipe.data.norm_stats_samples, 10000))
     return TrainingData(dataset, noise, float(norm_stats[0]), float(norm_stats[1]), len(lms_list), names)
 
 

@@ -542,12 +542,17 @@ class NoiseCropDataset:
         mean: float | None = None,
         seed: int = 0,
         num_stat_samples: int = 10000,
+        stats_seed: int | None = None,
     ):
+        """`seed` drives the cycle and crops; `stats_seed` (default `seed`) the sample that gives `mean`."""
         _check_clips(lms_list, "noise")
         self.lms_list = lms_list
         self.crop_frames = int(crop_frames)
         self.seed = int(seed)
-        self.mean = float(compute_norm_stats(lms_list, crop_frames, num_stat_samples, seed)[0]) if mean is None else float(mean)
+        if mean is None:
+            sample_seed = self.seed if stats_seed is None else int(stats_seed)
+            mean = compute_norm_stats(lms_list, crop_frames, num_stat_samples, sample_seed)[0]
+        self.mean = float(mean)
         self._cycle: tuple[int, list[int]] = (-1, [])  # the last permutation used (positions come in runs)
 
     def __len__(self) -> int:
