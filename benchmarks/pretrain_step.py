@@ -29,7 +29,7 @@ from m2dx_clinic.data.pretrain_data import mix_in_log_domain  # noqa: E402
 from m2dx_clinic.models.m2d import M2D, PredictorConfig  # noqa: E402
 from m2dx_clinic.models.vit import AudioViT, ViTConfig, param_groups  # noqa: E402
 from m2dx_clinic.objectives import TeacherTask  # noqa: E402
-from m2dx_clinic.pretrain import compile_for_training, m2dx_losses, optimizer_step  # noqa: E402
+from m2dx_clinic.pretrain import compile_for_training, m2dx_losses, optimizer_step, pick_amp  # noqa: E402
 
 
 def encoder_flops(tokens: int, dim: int, depth: int, mlp_ratio: float) -> float:
@@ -86,7 +86,7 @@ def main() -> None:
     ap.add_argument("--noise-ratio", type=float, default=0.3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                    help="auto: bf16 on CUDA, fp32 on CPU; bf16 on a CPU uses its bf16 matrix units where present")
+                    help="as run.amp: auto = bf16 (fp16 on older GPUs) on CUDA, fp32 on CPU; bf16 on a bf16 CPU")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
@@ -95,9 +95,14 @@ def main() -> None:
     ap.add_argument("--sdpa", choices=sorted(SDPA_BACKENDS), default="auto",
                     help="force one scaled-dot-product-attention kernel (auto: PyTorch's choice)")
     args = ap.parse_args()
-    if args.sdpa != "auto":  # for the whole run, so torch.compile traces with it too
-        contextlib.ExitStack().enter_context(sdpa_kernel(SDPA_BACKENDS[args.sdpa]))
+    # the kernel choice holds for the whole measurement, so torch.compile traces with it too
+    with sdpa_kernel(SDPA_BACKENDS[args.sdpa]) if args.sdpa != "auto" else contextlib.nullcontext():
+        result = measure(args)
+    print(json.dumps(result), flush=True)
 
+
+def measure(args: argparse.Namespace) -> dict:
+    """Build the model, warm up, time `args.steps` steps (and profile when asked): the JSON fields."""
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -109,11 +114,7 @@ def main() -> None:
         teacher_task = TeacherTask(AudioViT(vit).to(device))
     model = M2D(vit, pred, offline_dim=teacher_task.out_dim if teacher_task else None).to(device)
     forward_model = compile_for_training(model, teacher_task, args.compile_mode) if args.compile else model
-    if args.amp == "auto":
-        args.amp = "bf16" if device.type == "cuda" else "off"
-    if args.amp == "fp16" and device.type != "cuda":
-        raise SystemExit("--amp fp16 is for CUDA; use --amp bf16 or off on a CPU")
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
+    amp = pick_amp(args.amp, device)  # the training loop's own choice for this device
     use_fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=use_fused)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
@@ -165,7 +166,7 @@ def main() -> None:
         "config": f"ViT d{args.dim} L{args.depth} h{args.heads}, {args.input[0]}x{args.input[1]} p{args.patch[0]}x{args.patch[1]}, "
                   f"predictor d{args.predictor_dim} L{args.predictor_depth}, offline={args.offline}, mask {args.mask_ratio}",
         "batch": args.batch,
-        "amp": {"off": "fp32"}.get(args.amp, args.amp),
+        "amp": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp],
         "compile": args.compile and args.compile_mode,
         "sdpa": args.sdpa,
         "steps": args.steps,
@@ -179,7 +180,7 @@ def main() -> None:
     if device.type == "cuda":
         result["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         result["mfu"] = round(flops * samples_per_s / (args.peak_tflops * 1e12), 4)
-    print(json.dumps(result), flush=True)
+    return result
 
 
 if __name__ == "__main__":

@@ -72,7 +72,6 @@ def further_pretrain_cmd(
     Example: m2dx further-pretrain --data ./my_sounds --noise fsd50k --out runs/lung
     """
     from . import pretrain
-
     from .reporting import BackgroundReporter
 
     on_save = BackgroundReporter()
@@ -81,13 +80,7 @@ def further_pretrain_cmd(
              "run.save_every": save_every, "data.min_ds_size": min_ds_size, "data.noise_ratio": noise_ratio,
              "optim.batch_size": batch_size, "run.device": device,
              "data.data_root": str(data_root) if data_root else None, "data.skip_bad": True if skip_bad else None}
-    overrides = _overrides(extra, sets)
-    if resume is not None:
-        run_dir = pretrain.resume_run(resume, overrides, on_save=on_save)
-    else:
-        from .config import load_recipe
-
-        run_dir = pretrain.start_run(load_recipe(pretrain.PretrainRecipe, recipe, overrides), on_save=on_save)
+    run_dir = pretrain.start_or_resume(recipe, resume, _overrides(extra, sets), on_save=on_save)
     on_save.close()  # the report of the last checkpoint
     _console().print(f"[green]done[/]: checkpoints, metrics.jsonl and report/ in {run_dir}")
 
@@ -113,15 +106,10 @@ def pretrain_cmd(
                "-m", "m2dx_clinic", *_without_option(sys.argv[1:], "--nproc")]
         raise typer.Exit(subprocess.call(cmd))
     from . import pretrain
-    from .config import load_recipe
 
     extra = {"data.data": str(data) if data else None, "run.out": str(out) if out else None,
              "run.device": device, "optim.epochs": epochs, "run.max_steps": max_steps}
-    overrides = _overrides(extra, sets)
-    if resume is not None:
-        run_dir = pretrain.resume_run(resume, overrides)
-    else:
-        run_dir = pretrain.start_run(load_recipe(pretrain.PretrainRecipe, recipe, overrides))
+    run_dir = pretrain.start_or_resume(recipe, resume, _overrides(extra, sets))
     if int(os.environ.get("RANK", "0")) == 0:
         _console().print(f"[green]done[/]: {run_dir}")
 

@@ -740,3 +740,11 @@ def resume_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (),
     if trainer.ddp.is_main and point is not None:
         console.print(f"resuming {run_dir} from {point} (epoch {trainer.epoch}, step {trainer.opt_step})")
     return trainer.train(progress)
+
+
+def start_or_resume(recipe: str | Path, resume: Path | None, overrides: list[str],
+                    on_save: Callable[[Path], None] | None = None) -> Path:
+    """What `further-pretrain` and `pretrain` do: continue RUN_DIR (`resume`), or start a new run of `recipe`."""
+    if resume is not None:
+        return resume_run(resume, overrides, on_save=on_save)
+    return start_run(load_recipe(PretrainRecipe, recipe, overrides), on_save=on_save)
