@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .config import to_dict
 from .errors import CheckpointError
 from .fileio import atomic_torch_save  # noqa: F401 - re-exported: callers and tests save checkpoints from here
 from .models.m2d import M2D, PredictorConfig
@@ -183,6 +184,12 @@ class LoadedCheckpoint:
     def epoch(self) -> int | None:
         return _epoch_of(self.raw)
 
+    def encoder(self) -> AudioViT:
+        """The encoder of this checkpoint, strictly loaded, in eval mode."""
+        encoder = AudioViT(self.vit_config, self.norm_stats)
+        strict_load(encoder, self.encoder_state, str(self.path))
+        return encoder.eval()
+
 
 def _epoch_of(raw: dict[str, Any]) -> int | None:
     epoch = raw.get("epoch")
@@ -210,10 +217,7 @@ def open_checkpoint(name_or_path: str | Path, *, download: bool = False) -> Load
 
 def load_encoder(name_or_path: str | Path, *, download: bool = False) -> AudioViT:
     """A ready encoder (eval mode) from any accepted checkpoint layout."""
-    ckpt = open_checkpoint(name_or_path, download=download)
-    encoder = AudioViT(ckpt.vit_config, ckpt.norm_stats)
-    strict_load(encoder, ckpt.encoder_state, str(ckpt.path))
-    return encoder.eval()
+    return open_checkpoint(name_or_path, download=download).encoder()
 
 
 def build_m2d_from(ckpt: LoadedCheckpoint, offline_dim: int | None,
@@ -296,8 +300,7 @@ def training_checkpoint(
     """The published training-checkpoint dict plus our metadata under `m2dx`."""
     meta = dict(meta)
     meta.setdefault("format_version", FORMAT_VERSION)
-    meta["vit_config"] = {**asdict(model.config), "input_size": list(model.config.input_size),
-                          "patch_size": list(model.config.patch_size)}
+    meta["vit_config"] = to_dict(model.config)
     meta["predictor_config"] = asdict(model.predictor_config)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return {"model": state, "optimizer": optimizer, "epoch": int(epoch), "scaler": scaler,

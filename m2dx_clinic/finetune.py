@@ -526,11 +526,8 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def _lr_for(o: FtOptimSection, progress_epochs: float) -> float:
-    if o.schedule == "cosine":
-        return lr_at(progress_epochs, o.lr, o.warmup_epochs, o.epochs, o.min_lr)
-    if o.warmup_epochs > 0 and progress_epochs < o.warmup_epochs:
-        return o.lr * progress_epochs / o.warmup_epochs
-    return o.lr
+    """Warm-up, then cosine to `min_lr` or (schedule "constant") a cosine to `lr` itself, i.e. flat."""
+    return lr_at(progress_epochs, o.lr, o.warmup_epochs, o.epochs, o.min_lr if o.schedule == "cosine" else o.lr)
 
 
 def build_classifier(encoder: AudioViT, num_classes: int, recipe: FinetuneRecipe) -> Classifier:
@@ -1000,9 +997,8 @@ def finetune(
             "model": first.best_state,
             "classes": classes,
             "normal_class": td.normal_class,
-            "norm_stats": [float(v) for v in encoder.norm_stats.tolist()],
-            "vit_config": {**asdict(encoder.config), "input_size": list(encoder.config.input_size),
-                           "patch_size": list(encoder.config.patch_size)},
+            "norm_stats": encoder.norm_stats.tolist(),
+            "vit_config": to_dict(encoder.config),
             "adjust_pos": recipe.model.adjust_pos,
             "epoch": first.selected_epoch,
             "selection": label,

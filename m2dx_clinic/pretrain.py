@@ -257,7 +257,8 @@ class TrainingData:
     label_names: list[str]
 
 
-def _cache_dir(recipe: PretrainRecipe) -> Path:
+def log_mel_cache_dir(recipe: PretrainRecipe) -> Path:
+    """The run's log-mel cache: `data.cache_dir`, else `<data root>/cache` (the report's crops reuse it)."""
     if recipe.data.cache_dir:
         return Path(recipe.data.cache_dir)
     return data_root(Path(recipe.data.data_root) if recipe.data.data_root else None) / "cache"
@@ -270,7 +271,7 @@ def prepare_data(recipe: PretrainRecipe, frontend: FrontEndConfig, crop_frames: 
     if not recipe.data.data:
         raise ConfigError("no training data given; pass --data FOLDER_OR_CSV")
     segments = list_training_audio(Path(recipe.data.data))
-    cache = LogMelCache(_cache_dir(recipe), frontend)
+    cache = LogMelCache(log_mel_cache_dir(recipe), frontend)
     lms_list, bad = cache.build(segments, workers=recipe.data.cache_workers, skip_bad=recipe.data.skip_bad,
                                 progress=progress)
     if bad:

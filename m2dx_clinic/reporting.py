@@ -174,27 +174,10 @@ class HealthCrops:
     source: str
 
 
-def _cache_dir_of(recipe: Any) -> Path:
-    """The run's log-mel cache (the same rule as the training loop), so crops cost no recomputation."""
-    from .data.downloads import data_root
-
-    if recipe.data.cache_dir:
-        return Path(recipe.data.cache_dir)
-    return data_root(Path(recipe.data.data_root) if recipe.data.data_root else None) / "cache"
-
-
 def _crops_key(source: str, num_crops: int, seed: int, width: int, frontend: FrontEndConfig) -> str:
     payload = json.dumps({"v": _CACHE_VERSION, "source": source, "n": num_crops, "seed": seed, "width": width,
                           "frontend": dataclasses.asdict(frontend)}, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
-
-
-def _crop_at(lms: np.ndarray, start: int, width: int) -> np.ndarray:
-    """[n_mels, width] from `start`, wrapping around when the clip is shorter than the crop."""
-    frames = lms.shape[-1]
-    if start + width <= frames:
-        return np.array(lms[:, start : start + width], dtype=np.float32)
-    return np.array(lms[:, (start + np.arange(width)) % frames], dtype=np.float32)
 
 
 def health_crops(
@@ -210,7 +193,8 @@ def health_crops(
     Only the sampled files go through the run's log-mel cache, so this stays cheap on large data
     sets. Raises DataError when the training audio is gone (callers turn that into a warning).
     """
-    from .data.pretrain_data import LogMelCache, list_training_audio
+    from .data.pretrain_data import LogMelCache, crop_lms, list_training_audio
+    from .pretrain import log_mel_cache_dir
 
     source = str(recipe.data.data)
     if not source:
@@ -218,7 +202,7 @@ def health_crops(
     segments = list_training_audio(Path(source))
     rng = np.random.default_rng(seed)
     chosen = rng.permutation(len(segments))[: min(num_crops, len(segments))]
-    cache = LogMelCache(_cache_dir_of(recipe), frontend)
+    cache = LogMelCache(log_mel_cache_dir(recipe), frontend)
     arrays, _bad = cache.build([segments[int(i)] for i in chosen], workers=1, skip_bad=True, progress=False)
     if not arrays:
         raise DataError(f"{source}: none of the sampled training files could be read; label-free metrics skipped")
@@ -227,7 +211,7 @@ def health_crops(
         lms = arrays[k % len(arrays)]
         frames = lms.shape[-1]
         start = int(rng.integers(0, frames - width + 1)) if frames > width else 0
-        crops.append(_crop_at(lms, start, width))
+        crops.append(crop_lms(lms, start, width).numpy())
     # float16 halves the cached file; log-mel values need no more precision than that
     return HealthCrops(np.stack(crops).astype(np.float16), _crops_key(source, num_crops, seed, width, frontend), source)
 
@@ -528,12 +512,6 @@ class _HealthCache:
 
 
 # ============================================================================ building the report
-def _encoder_from(ckpt: ckpt_io.LoadedCheckpoint) -> AudioViT:
-    encoder = AudioViT(ckpt.vit_config, ckpt.norm_stats)
-    ckpt_io.strict_load(encoder, ckpt.encoder_state, str(ckpt.path))
-    return encoder.eval()
-
-
 def _row_warnings(row: dict[str, Any], base_rankme: float | None) -> list[str]:
     """Rank-collapse and drift warnings for a scored row (epoch 0 is the reference, never warned)."""
     out = []
@@ -552,15 +530,10 @@ def _row_warnings(row: dict[str, Any], base_rankme: float | None) -> list[str]:
     return out
 
 
-def _pick_metric(block: Any, names: Sequence[str]) -> dict[str, Any] | None:
-    """The first dict among `names` in a fine-tune run record (the result's keys are a loose contract)."""
-    if not isinstance(block, dict):
-        return None
-    for name in names:
-        value = block.get(name)
-        if isinstance(value, dict):
-            return value
-    return None
+def _metric_block(run: Any, split: str) -> dict[str, Any] | None:
+    """The `val` / `test` metrics dict of one fine-tune run record (None when the split was not scored)."""
+    block = run.get(split) if isinstance(run, dict) else None
+    return block if isinstance(block, dict) else None
 
 
 def _mean_scores(blocks: list[dict[str, Any]]) -> dict[str, float | None] | None:
@@ -609,8 +582,8 @@ def _reuse_finetune(out: Path, checkpoint: Path) -> dict[str, Any] | None:
 
 def _finetune_summary(run_dir: Path, runs: list[dict[str, Any]], aggregate: Any, selection: str) -> dict[str, Any]:
     """Mean val / test Sp, Se, Score over repeats plus the fine-tune's own aggregate, for one report row."""
-    vals = [b for r in runs if (b := _pick_metric(r, ("val", "val_metrics", "validation")))]
-    tests = [b for r in runs if (b := _pick_metric(r, ("test", "test_metrics")))]
+    vals = [b for r in runs if (b := _metric_block(r, "val"))]
+    tests = [b for r in runs if (b := _metric_block(r, "test"))]
     return {"run_dir": str(run_dir), "selection": selection, "repeats": len(runs), "reused": False,
             "val": _mean_scores(vals), "test": _mean_scores(tests), "aggregate": to_jsonable(aggregate)}
 
@@ -777,20 +750,18 @@ def _build(
         if slot.error is not None or slot.path is None:
             continue
         try:
-            _score_slot(slot, row, cache=cache, ensure_crops=ensure_crops, run_stats=run_stats,
+            scored_base = _score_slot(slot, row, cache=cache, ensure_crops=ensure_crops, run_stats=run_stats,
                         base=(base_emb, base_key), probe_set=probe_set, task_data=task_data, device=device,
                         finetune=finetune, finetune_args=dict(recipe_name=finetune_recipe, task=task, data=data,
                                                               normal_class=normal_class, report_dir=report_dir,
                                                               task_data=task_data, progress=progress))
             if slot.epoch == 0:
-                base_emb, base_key = row.get("_embeddings"), row.get("_key")
+                base_emb, base_key = scored_base
                 base_rankme = row.get("rankme")
         except M2DXError as exc:
             row["error"] = str(exc)
         except Exception as exc:  # one bad checkpoint must not cost the whole report
             row["error"] = f"{slot.checkpoint}: {type(exc).__name__}: {str(exc).strip()[:300]}"
-        row.pop("_embeddings", None)
-        row.pop("_key", None)
     try:
         cache.save()
     except OSError as exc:
@@ -826,8 +797,12 @@ def _build(
 
 def _score_slot(slot: _Slot, row: dict[str, Any], *, cache: _HealthCache, ensure_crops, run_stats,
                 base: tuple[np.ndarray | None, str | None], probe_set: ProbeSet | None, task_data: Any,
-                device: str | torch.device | None, finetune: bool, finetune_args: dict[str, Any]) -> None:
-    """Fill one row: health (cached when possible), probe and fine-tune. Raises on an unreadable checkpoint."""
+                device: str | torch.device | None, finetune: bool,
+                finetune_args: dict[str, Any]) -> tuple[np.ndarray | None, str]:
+    """Fill one row: health (cached when possible), probe and fine-tune. Raises on an unreadable checkpoint.
+
+    Returns (embeddings, cache key) of this checkpoint: the base's are the drift reference of the others.
+    """
     assert slot.path is not None
     base_emb, base_key = base
     key = _HealthCache.file_key(slot.path)
@@ -837,11 +812,12 @@ def _score_slot(slot: _Slot, row: dict[str, Any], *, cache: _HealthCache, ensure
     need_model = cached is None or probe_set is not None or finetune
     loaded = ckpt_io.LoadedCheckpoint(slot.path) if need_model or is_base else None
     if loaded is not None:
-        encoder = _encoder_from(loaded)
+        encoder = loaded.encoder()
         stats = _resolve_norm_stats(loaded.meta, run_stats, encoder)
         crops = ensure_crops(loaded.vit_config)
     else:
         crops = None
+    embeddings: np.ndarray | None = None
     if cached is not None:
         row.update({k: cached.get(k) for k in ("rankme", "ev_auc", "drift_cos")})
     elif crops is not None and loaded is not None:
@@ -860,12 +836,9 @@ def _score_slot(slot: _Slot, row: dict[str, Any], *, cache: _HealthCache, ensure
                 except OSError:
                     pass
         row.update({k: health[k] for k in ("rankme", "ev_auc", "drift_cos")})
-        if is_base:
-            row["_embeddings"], row["_key"] = health["embeddings"], key
-        else:
+        embeddings = health["embeddings"]
+        if not is_base:
             cache.put(key, crops.key, base_key, health)
-    if is_base and "_key" not in row:
-        row["_key"] = key
     if probe_set is not None and loaded is not None:
         try:
             row["probe"] = probe_scores(encoder, task_data, probe_set=probe_set, norm_stats=stats, device=device)
@@ -878,6 +851,7 @@ def _score_slot(slot: _Slot, row: dict[str, Any], *, cache: _HealthCache, ensure
             row["warnings"].append(f"fine-tune failed: {exc}")
         except Exception as exc:  # a crashed fine-tune is reported on its row, the report goes on
             row["warnings"].append(f"fine-tune failed: {type(exc).__name__}: {str(exc).strip()[:300]}")
+    return embeddings, key
 
 
 def build_report(

@@ -424,14 +424,14 @@ def compute_norm_stats(
 # --------------------------------------------------------------------------------------------
 
 
-def _crop(lms: Any, start: int, crop_frames: int) -> torch.Tensor:
-    """[n_mels, crop_frames] float32 from `start`, wrapping around (circular repeat) when short."""
+def crop_lms(lms: Any, start: int, width: int) -> torch.Tensor:
+    """[n_mels, width] float32 from `start`, wrapping around (circular repeat) when short."""
     array = lms.numpy() if isinstance(lms, torch.Tensor) else lms
     frames = array.shape[-1]
-    if start + crop_frames <= frames:
-        window = np.array(array[:, start : start + crop_frames], dtype=np.float32)
+    if start + width <= frames:
+        window = np.array(array[:, start : start + width], dtype=np.float32)
     else:
-        window = np.array(array[:, (start + np.arange(crop_frames)) % frames], dtype=np.float32)
+        window = np.array(array[:, (start + np.arange(width)) % frames], dtype=np.float32)
     return torch.from_numpy(window)
 
 
@@ -512,7 +512,7 @@ class CropDataset(torch.utils.data.Dataset):
         index = i % len(self.lms_list)
         lms = self.lms_list[index]
         start = _random_start(lms.shape[-1], self.crop_frames, generator)
-        item: dict[str, torch.Tensor | int] = {"lms": _crop(lms, start, self.crop_frames).unsqueeze(0), "index": index}
+        item: dict[str, torch.Tensor | int] = {"lms": crop_lms(lms, start, self.crop_frames).unsqueeze(0), "index": index}
         if self.labels is not None:
             label = self.labels[index]
             if isinstance(label, (int, np.integer)):
@@ -572,7 +572,7 @@ class NoiseCropDataset:
         """[1, n_mels, crop_frames] raw noise crop at stream `position` (short clips repeat from their start)."""
         lms = self.lms_list[self.clip_at(position)]
         start = _random_start(lms.shape[-1], self.crop_frames, keyed_generator(self.seed, 0x6372, position))
-        return _crop(lms, start, self.crop_frames).unsqueeze(0)
+        return crop_lms(lms, start, self.crop_frames).unsqueeze(0)
 
     def batch(self, start: int, count: int) -> torch.Tensor:
         """[count, 1, n_mels, crop_frames]: the crops at positions start .. start + count - 1."""
