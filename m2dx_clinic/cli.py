@@ -182,11 +182,11 @@ def tune_cmd(
 
     Re-running the same command resumes the study. Example: m2dx tune --task icbhi --data ICBHI/ -c CKPT --trials 50 --timeout 8h
     """
-    from .tuning import parse_duration, tune
+    from .tuning import tune
 
     name = {"tiny": "tiny_tune"}.get(recipe, recipe)
     result = tune(task=task, data=data, checkpoint=checkpoint, tune_recipe=name, trials=trials,
-                  timeout=parse_duration(timeout), storage=storage, study_name=study, out=out, repeats=repeats,
+                  timeout=timeout, storage=storage, study_name=study, out=out, repeats=repeats,
                   pruner=pruner, normal_class=normal_class, overrides=list(sets or []), final_test=not no_final_test)
     _console().print(f"[green]done[/]: best.toml, trials.csv and plots in {result.out_dir}")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import checkpoint as ckpt_io
 from .config import load_recipe
+from .data.icbhi import SPLIT_FILE, annotation_dir
 from .demo_data import demo_noise_dir, make_demo_icbhi
 from .errors import ConfigError
 from .finetune import FinetuneRecipe, finetune
@@ -30,11 +31,11 @@ def run_quickstart(out: Path, *, data: Path | None = None, noise: Path | None = 
     t0 = time.perf_counter()
     if data is None:
         data = out / "demo_icbhi"
-        if not (data / "ICBHI_challenge_train_test.txt").is_file():
+        if not (data / SPLIT_FILE).is_file():
             console.rule("1/4  example recordings")
             make_demo_icbhi(data)
             console.print(f"generated ICBHI-format example recordings in {data}")
-    audio_dir = data / "ICBHI_final_database" if (data / "ICBHI_final_database").is_dir() else data
+    audio_dir = annotation_dir(data)  # a folder without ICBHI annotations is refused here, before training
     noise = noise or demo_noise_dir()
 
     console.rule("2/4  further pre-training (tiny M2D-X, CPU)")
