@@ -525,6 +525,11 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of the model's weights (kept while training goes on)."""
+    return {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()}
+
+
 def _lr_for(o: FtOptimSection, progress_epochs: float) -> float:
     """Warm-up, then cosine to `min_lr` or (schedule "constant") a cosine to `lr` itself, i.e. flat."""
     return lr_at(progress_epochs, o.lr, o.warmup_epochs, o.epochs, o.min_lr if o.schedule == "cosine" else o.lr)
@@ -648,6 +653,10 @@ def run_repeat(
     has_val = len(prep.labels["val"]) > 0
     has_test = score_test and len(prep.labels.get("test", [])) > 0
     test_every_epoch = r.selection == "test-best"
+    # A CPU copy of the selected weights (~350 MB for ViT-B) only when something uses it, and for
+    # "last" only once, after the loop: the model then already holds the selected weights.
+    need_state = keep_state or (has_test and not test_every_epoch)
+    snapshot_each_best = need_state and r.selection != "last"
 
     def score(split: str) -> tuple[dict[str, Any], torch.Tensor]:
         probs = predict(model, prep.lms[split], batch_size=r.eval_batch_size, device=prep.device, amp_dtype=prep.amp_dtype)
@@ -682,7 +691,7 @@ def run_repeat(
                     "val_probs": val_probs,
                     "test": test_metrics,
                     "test_probs": test_probs,
-                    "state": {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()},
+                    "state": _cpu_state(model) if snapshot_each_best else None,
                 }
             row["seconds"] = time.perf_counter() - t0
             rows.append(row)
@@ -694,6 +703,8 @@ def run_repeat(
             bar.update(task, advance=1, status=status)
             if epoch_callback is not None and val_metrics is not None:
                 epoch_callback(epoch + 1, dict(val_metrics))
+    if need_state and best["state"] is None:
+        best["state"] = _cpu_state(model)
     # The selected weights score the test split once (test-best already has its test predictions).
     if has_test and not test_every_epoch:
         model.load_state_dict(best["state"])
