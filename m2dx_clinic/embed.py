@@ -20,6 +20,7 @@ from .checkpoint import load_encoder
 from .errors import AudioError
 from .fileio import atomic_save_npy
 from .models.vit import AudioViT
+from .progress import make_progress
 
 
 @dataclass
@@ -163,18 +164,10 @@ def embed_files(
         array = features.float().cpu().numpy().astype(np.float32, copy=False)
         result.written.append(atomic_save_npy(out_dir / name, array))  # an interrupted run leaves no half file
 
-    if progress and files:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   TextColumn("{task.description}"))
-        with Progress(*columns, transient=False) as bar:
-            task = bar.add_task("", total=len(files))
-            for path, name in zip(files, names):
-                bar.update(task, description=path.name)
-                process(path, name)
-                bar.advance(task)
-    else:
+    with make_progress(show=progress and bool(files)) as bar:
+        task = bar.add_task("embedding", total=len(files), status="")
         for path, name in zip(files, names):
+            bar.update(task, status=path.name)
             process(path, name)
+            bar.advance(task)
     return result

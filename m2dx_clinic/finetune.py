@@ -146,29 +146,6 @@ SCORE_KEYS = ("sp", "se", "score", "accuracy")
 CYCLE_CACHE_VERSION = 1
 
 
-class _NoBar:
-    """Stands in for a rich progress bar when progress is off (no live display, no blank lines)."""
-
-    def __enter__(self) -> "_NoBar":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-    def add_task(self, *args: Any, **kwargs: Any) -> int:
-        return 0
-
-    def advance(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-def _progress_bar(show: bool) -> Any:
-    return make_progress(transient=True) if show else _NoBar()
-
-
 def selection_label(selection: str) -> str:
     """The words every output uses for a selection protocol (test-best always says it is optimistic)."""
     return SELECTION_LABELS[selection]
@@ -350,7 +327,7 @@ def prepare_cycles(
         if entry is not None:
             atomic_save_npy(entry, lms.numpy().astype(np.float32, copy=False))
 
-    with _progress_bar(progress) as bar:
+    with make_progress(transient=True, show=progress) as bar:
         task = bar.add_task(description, total=len(items), status="")
         if workers > 1:
             with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -665,7 +642,7 @@ def run_repeat(
     best_key: tuple[float, float] | None = None
     best: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
-    with _progress_bar(progress) as bar:
+    with make_progress(transient=True, show=progress) as bar:
         task = bar.add_task(f"fine-tune {repeat + 1}/{r.repeats}", total=o.epochs, status="")
         for epoch in range(o.epochs):
             t0 = time.perf_counter()

@@ -92,8 +92,12 @@ def environment_facts() -> dict[str, Any]:
     return facts
 
 
-def make_progress(transient: bool = False) -> Progress:
-    """A rich progress bar with count, elapsed time and ETA plus a free-text status field."""
+def make_progress(transient: bool = False, show: bool = True) -> Progress:
+    """A rich progress bar with count, elapsed time and ETA plus a free-text status field.
+
+    With `show=False` (or M2DX_NO_PROGRESS=1) it is disabled: the same calls, no live display, so a
+    report or probe running inside another command's live bar cannot clash with it.
+    """
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -103,5 +107,5 @@ def make_progress(transient: bool = False) -> Progress:
         TextColumn("{task.fields[status]}"),
         console=console,
         transient=transient,
-        disable=os.environ.get("M2DX_NO_PROGRESS") == "1",
+        disable=not show or os.environ.get("M2DX_NO_PROGRESS") == "1",
     )

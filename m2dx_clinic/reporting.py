@@ -24,7 +24,6 @@ terminal table and plots show Sp / Se / Score in percent.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
@@ -272,12 +271,10 @@ class ProbeSet:
         lms, labels, is_train = [], [], []
         self.skipped = []
         # No live bar unless asked: the report may run inside the training loop's own live display.
-        bar = make_progress(transient=True) if self.progress else None
-        task = bar.add_task("probe: reading cycles", total=len(items), status="") if bar else None
-        with bar if bar is not None else contextlib.nullcontext():
+        with make_progress(transient=True, show=self.progress) as bar:
+            task = bar.add_task("probe: reading cycles", total=len(items), status="")
             for item in items:
-                if bar is not None:
-                    bar.advance(task)
+                bar.advance(task)
                 try:
                     wave = load_cycle(item, frontend.sample_rate, length_s=self.cycle_seconds, pad=self.pad)
                 except AudioError as exc:

@@ -717,7 +717,7 @@ def _tune_study(*, settings: TuneSettings, params: list[Param], tune_recipe: str
         console.print(f"resuming study {name!r}: {counts['complete']} complete, {counts['pruned']} pruned, "
                       f"{counts['failed']} failed; {remaining} trial(s) to go")
 
-    bar = make_progress() if progress else None
+    bar = make_progress(show=progress)
     task_id = None
     state = {"consecutive_failures": 0, "best": ""}
 
@@ -728,7 +728,7 @@ def _tune_study(*, settings: TuneSettings, params: list[Param], tune_recipe: str
         return f"best {best.value:.4f} #{best.number} {_short_params(best.params)}"
 
     def on_epoch(number: int, seed_index: int, epoch: int, value: float) -> None:
-        if bar is not None and task_id is not None:
+        if task_id is not None:
             seed = f" seed {seed_index}" if repeats > 1 else ""
             bar.update(task_id, status=f"#{number}{seed} ep {epoch} {settings.metric} {value:.3f} | {state['best']}")
 
@@ -742,7 +742,7 @@ def _tune_study(*, settings: TuneSettings, params: list[Param], tune_recipe: str
         else:
             state["consecutive_failures"] = 0
         state["best"] = best_text()
-        if bar is not None and task_id is not None:
+        if task_id is not None:
             bar.update(task_id, advance=1, status=state["best"])
 
     objective = _Objective(settings=settings, params=params, overrides=overrides, task=task, data=Path(data),
@@ -754,14 +754,12 @@ def _tune_study(*, settings: TuneSettings, params: list[Param], tune_recipe: str
     try:
         if remaining:
             state["best"] = best_text()
-            if bar is not None:
-                bar.start()
-                task_id = bar.add_task("tuning", total=remaining, status=state["best"])
+            bar.start()
+            task_id = bar.add_task("tuning", total=remaining, status=state["best"])
             study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(Exception,),
                            callbacks=[after_trial, stop_at_target])
     finally:
-        if bar is not None:
-            bar.stop()
+        bar.stop()
 
     counts = _counts(study)
     best = _best(study)
