@@ -366,7 +366,6 @@ def spec_augment(x: torch.Tensor, freq_mask: int, time_mask: int, generator: tor
     if freq_mask <= 0 and time_mask <= 0:
         return x
     b, _, n_mels, n_frames = x.shape
-    keep = torch.ones(b, 1, n_mels, n_frames, dtype=torch.bool)
     for size, max_width, axis in ((n_mels, freq_mask, 2), (n_frames, time_mask, 3)):
         if max_width <= 0:
             continue
@@ -376,8 +375,8 @@ def spec_augment(x: torch.Tensor, freq_mask: int, time_mask: int, generator: tor
         pos = torch.arange(size)[None, :]
         hit = (pos >= start[:, None]) & (pos < (start + width)[:, None])  # [B, size]
         shape = (b, 1, size, 1) if axis == 2 else (b, 1, 1, size)
-        keep &= ~hit.reshape(shape)
-    return x * keep.to(x.device, x.dtype)
+        x = x * (~hit).reshape(shape).to(x.device, x.dtype)  # a [B,1,F,1] or [B,1,1,T] mask: tiny to move
+    return x
 
 
 def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
