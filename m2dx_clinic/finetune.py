@@ -755,12 +755,10 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 
 def plot_confusion(matrix: np.ndarray, classes: list[str], title: str, path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # pyplot-free, as the report's plots: no global backend switch
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2.5, 1.2 * len(classes) + 2))
+    fig = Figure(figsize=(1.2 * len(classes) + 2.5, 1.2 * len(classes) + 2))
+    ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
@@ -773,16 +771,13 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], title: str, path: Pat
             ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center",
                     color="white" if peak and matrix[i, j] > peak / 2 else "black")
     atomic_savefig(fig, path, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
 
 
 def plot_learning_curves(epochs: pd.DataFrame, title: str, path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax_loss, ax_score = fig.subplots(1, 2)
     for repeat, rows in epochs.groupby("repeat"):
         ax_loss.plot(rows["epoch"], rows["train_loss"], marker=".", label=f"train (repeat {repeat})")
         if "val_loss" in rows:
@@ -805,7 +800,6 @@ def plot_learning_curves(epochs: pd.DataFrame, title: str, path: Path) -> None:
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     atomic_savefig(fig, path, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
 
 
 def summary_table(aggregate: dict[str, Any], *, title: str) -> Any:
