@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from m2dx_clinic.data.pretrain_data import (  # noqa: E402
+from m2dx_clinic.data.crops import (  # noqa: E402
     CropDataset,
     KeyedSampler,
     NoiseCropDataset,

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from m2dx_clinic.config import load_recipe  # noqa: E402
 from m2dx_clinic.demo_data import demo_noise_dir, make_demo_icbhi  # noqa: E402
-from m2dx_clinic.pretrain import PretrainRecipe, start_run  # noqa: E402
+from m2dx_clinic.pretrain import start_run  # noqa: E402
+from m2dx_clinic.recipes import PretrainRecipe  # noqa: E402
 
 
 def main() -> None:

@@ -25,11 +25,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from m2dx_clinic.data.pretrain_data import mix_in_log_domain  # noqa: E402
+from m2dx_clinic.data.crops import mix_in_log_domain  # noqa: E402
 from m2dx_clinic.models.m2d import M2D, PredictorConfig  # noqa: E402
 from m2dx_clinic.models.vit import AudioViT, ViTConfig, param_groups  # noqa: E402
 from m2dx_clinic.objectives import TeacherTask  # noqa: E402
-from m2dx_clinic.pretrain import compile_for_training, m2dx_losses, optimizer_step, pick_amp  # noqa: E402
+from m2dx_clinic.pretrain import compile_for_training, m2dx_losses, optimizer_step  # noqa: E402
+from m2dx_clinic.runtime import pick_amp  # noqa: E402
 
 
 def encoder_flops(tokens: int, dim: int, depth: int, mlp_ratio: float) -> float:

@@ -2,7 +2,7 @@
 
 The published models were trained on nnAudio's mel spectrogram, which uses the Slaney mel scale
 with Slaney area normalisation (librosa's defaults). torchaudio's defaults (HTK scale, no norm)
-give different features, so every option is spelled out here (spec §1).
+give different features, so every option is spelled out here (docs/METHOD.md, "Front-end").
 """
 
 from __future__ import annotations

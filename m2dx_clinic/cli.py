@@ -41,10 +41,9 @@ def _console():
 
 def _overrides(pairs: dict[str, object], sets: list[str] | None) -> list[str]:
     """Typed CLI options become `key=value` overrides (applied before --set, which wins)."""
-    from .config import toml_value
+    from .config import to_overrides
 
-    out = [f"{key}={toml_value(value)}" for key, value in pairs.items() if value is not None]
-    return out + list(sets or [])
+    return to_overrides(pairs) + list(sets or [])
 
 
 # ----------------------------------------------------------------------------- pre-training
@@ -72,7 +71,7 @@ def further_pretrain_cmd(
     Example: m2dx further-pretrain --data ./my_sounds --noise fsd50k --out runs/lung
     """
     from . import pretrain
-    from .reporting import BackgroundReporter
+    from .report import BackgroundReporter
 
     on_save = BackgroundReporter()
     extra = {"base": base, "data.data": str(data) if data else None, "data.noise": "" if noise == "none" else noise,
@@ -148,8 +147,9 @@ def finetune_cmd(
 
     Example: m2dx finetune --task icbhi --data ICBHI/ --checkpoint runs/lung/m2d_x_vit_base-80x200p16x4p16k-261126
     """
-    from .config import load_recipe
-    from .finetune import FinetuneRecipe, finetune, load_params_toml
+    from .config import load_params_toml, load_recipe
+    from .finetune import finetune
+    from .recipes import FinetuneRecipe
 
     if selection not in (None, "val", "test-best"):
         raise ConfigError(f"--selection must be val or test-best, got {selection!r}")
@@ -207,7 +207,7 @@ def report_cmd(
     Example: m2dx report runs/lung --task icbhi --data ICBHI/ --probe
     """
     from .progress import console
-    from .reporting import build_report, render_report_table
+    from .report import build_report, render_report_table
 
     if (probe or finetune) and (task is None or data is None):
         raise ConfigError("--probe and --finetune need --task and --data (the labelled data to score on)")
@@ -257,7 +257,7 @@ def weights_list_cmd() -> None:
     """
     from rich.table import Table
 
-    from .registry import PUBLISHED_WEIGHTS, weights_cache_dir
+    from .weights import PUBLISHED_WEIGHTS, weights_cache_dir
 
     table = Table(title=f"Published M2D weights (cache: {weights_cache_dir()})")
     table.add_column("name", no_wrap=True)
@@ -285,7 +285,7 @@ def weights_download_cmd(
 
     Example: m2dx weights download m2d_vit_base-80x200p16x4-230529
     """
-    from .registry import download_weights
+    from .weights import download_weights
 
     path = download_weights(name, dir, expected_sha256=sha256)
     _console().print(f"[green]ready[/]: {path}")
@@ -301,7 +301,7 @@ def data_download_cmd(
 
     Example: m2dx data download fsd50k
     """
-    from .data.downloads import DATASETS, download_dataset
+    from .data.corpora import DATASETS, download_dataset
 
     if name not in DATASETS:
         raise ConfigError(f"unknown data set {name!r}; choose one of: {', '.join(DATASETS)}")
@@ -324,7 +324,7 @@ def data_inspect_cmd(
     """
     import json
 
-    from .data.inspect import inspect_task, print_inspect
+    from .data.inspection import inspect_task, print_inspect
     from .data.tasks import load_task
 
     info = inspect_task(load_task(task, data, normal_class=normal_class))
@@ -346,7 +346,8 @@ def data_export_cmd(
 
     Example: m2dx data export --task icbhi --data ICBHI/ --split train --recordings -o icbhi_train.csv
     """
-    from .data.tasks import export_manifest, load_task
+    from .data.task_data import export_manifest
+    from .data.tasks import load_task
 
     td = load_task(task, data)
     path = export_manifest(td, out, splits=split or ("train", "val", "test"), recordings=recordings)

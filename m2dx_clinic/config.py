@@ -36,14 +36,15 @@ def find_recipe(name_or_path: str | Path) -> Path:
     raise ConfigError(f"{name_or_path}: recipe not found; pass a TOML path or one of: {known}")
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
+def read_toml(path: str | Path, what: str = "recipe") -> dict[str, Any]:
+    """A TOML file as a dict; unreadable or malformed files are one-line ConfigErrors naming `what` it is."""
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML ({exc}); fix the syntax") from None
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read recipe ({exc.strerror})") from None
+        raise ConfigError(f"{path}: cannot read {what} ({exc.strerror})") from None
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -159,6 +160,7 @@ def merge(base: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`values` with each `a.b=value` override merged in, in order (later ones win)."""
     out = dict(values)
     for text in overrides:
         path, value = parse_override(text)
@@ -233,6 +235,36 @@ def dump_toml(values: dict[str, Any], header: str = "") -> str:
 
     emit(values, "")
     return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def to_overrides(values: dict[str, Any], prefix: str = "") -> list[str]:
+    """Values -> `a.b=value` override strings (TOML literals); the one converter every caller uses.
+
+    Keys may be dotted (`{"optim.lr": 1e-4}`, typed CLI options, Optuna parameters) or nested
+    tables (`{"optim": {"lr": 1e-4}}`, a best-parameters file); None values are skipped (an
+    option the user did not give). numpy scalars from a storage round trip become Python values.
+    """
+    out: list[str] = []
+    for key, value in values.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            out.extend(to_overrides(value, name))
+        elif value is not None:
+            if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+                value = value.item()
+            out.append(f"{name}={toml_value(value)}")
+    return out
+
+
+def load_params_toml(path: str | Path) -> list[str]:
+    """A best-parameters TOML (recipe-shaped tables, e.g. `m2dx tune`'s best.toml) -> override strings.
+
+    An `[about]` table (free text for humans) is ignored; unknown keys are left for `load_recipe`
+    to reject with its usual message.
+    """
+    values = read_toml(path, what="parameters file")
+    values.pop("about", None)
+    return to_overrides(values)
 
 
 def save_resolved(recipe: Any, path: str | Path, header: str = "") -> Path:

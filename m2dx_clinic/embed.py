@@ -2,7 +2,7 @@
 
 A user with a trained (or published) encoder wants per-frame features or one clip vector per file
 for their own downstream tools. This module runs exactly the pipeline the checkpoints were trained
-with (spec §1 front-end, the checkpoint's own `norm_stats`, chunked encoding of spec §6), so the
+with (the published front-end, the checkpoint's own `norm_stats`, chunked encoding; docs/METHOD.md), so the
 features match what fine-tuning and evaluation see. One bad file must not cost the whole batch:
 audio problems are collected and reported, every other file is still written.
 """
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .audio import FrontEndConfig, LogMelSpectrogram, list_audio_files, load_audio
-from .checkpoint import load_encoder
+from .weights import load_encoder
 from .errors import AudioError
 from .fileio import atomic_save_npy
 from .models.vit import AudioViT

@@ -14,6 +14,8 @@ that re-export these helpers (`config`) stay quick to import for the command lin
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import math
 import os
@@ -79,13 +81,33 @@ def atomic_savefig(fig: Any, path: str | Path, **kwargs: Any) -> Path:
     return _atomic_write(path, lambda f: fig.savefig(f, **kwargs), fsync=False)
 
 
+def atomic_write_csv(path: str | Path, frame: Any, *, float_format: str | None = "%.8g") -> Path:
+    """A pandas DataFrame as CSV (no index), written like `atomic_write_text`.
+
+    `%.8g` keeps probabilities to 8 significant digits: enough to recompute every metric, and the
+    same text on every platform.
+    """
+    buffer = io.StringIO()
+    frame.to_csv(buffer, index=False, float_format=float_format)
+    return atomic_write_text(path, buffer.getvalue())
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks so multi-GB archives and checkpoints do not fill memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def to_jsonable(value: Any, *, nonfinite: Literal["null", "text"] = "null") -> Any:
     """Plain JSON data from results: dict keys -> str, tuples/lists -> lists, dataclasses -> dicts,
     numpy / torch scalars -> Python (larger arrays -> nested lists), Path and any other object -> str.
 
     NaN / Inf become null (strict JSON that every reader accepts), or with nonfinite="text" the
     strings "nan" / "inf" / "-inf": the metric log has always written them so, and its readers
-    (`reporting._finite`) accept both.
+    (`report.runinfo.finite`) accept both.
     """
     if isinstance(value, dict):
         return {str(k): to_jsonable(v, nonfinite=nonfinite) for k, v in value.items()}

@@ -1,4 +1,6 @@
-"""ICBHI-style scores (Sp, Se, Score, accuracy, 2-class variant) and confidence intervals over runs (spec §7).
+"""ICBHI-style scores (Sp, Se, Score, accuracy, 2-class variant) and confidence intervals over runs.
+
+The protocol is in docs/METHOD.md, "ICBHI protocol".
 
 Values are fractions in [0, 1]; the report layer multiplies by 100. A split with no normal (or no
 abnormal) items gives NaN for the quantity that cannot be computed instead of a crash or a fake 0.

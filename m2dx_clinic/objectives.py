@@ -1,15 +1,17 @@
-"""Training objectives and schedules for M2D / M2D-X (spec §3, §4).
+"""Training objectives and schedules: M2D / M2D-X pre-training and the fine-tuning loss.
 
 Everything here is a pure function of its inputs: masking (with an optional explicit generator so
-tests and parity checks can pass the mask in), the normalised-cosine loss, the offline tasks, and
-the learning-rate / EMA schedules as functions of the iteration.
+tests and parity checks can pass the mask in), the normalised-cosine loss, the offline tasks, the
+fine-tuning cross-entropy with class weights, and the learning-rate / EMA schedules as functions
+of the iteration (docs/METHOD.md, "Pre-training" and "Fine-tuning").
 """
 
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Protocol, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -106,6 +108,25 @@ class LabelsTask:
         if self.multi_label:
             return F.binary_cross_entropy_with_logits(logits, targets.float())
         return F.cross_entropy(logits, targets.long())
+
+
+# ---------------------------------------------------------------------------- fine-tuning loss
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample CE with soft targets [B, K]: -sum_c y_c w_c log p_c (w = 1 without class weights)."""
+    log_p = F.log_softmax(logits.float(), dim=-1)
+    if class_weights is not None:
+        targets = targets * class_weights.to(targets.dtype)[None, :]
+    return -(targets * log_p).sum(dim=-1)
+
+
+def inverse_frequency_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
+    """w_c = N / (K_present * n_c), so the average weight over training items is 1; absent classes get 0."""
+    counts = np.bincount(np.asarray(labels, dtype=int), minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(num_classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return torch.tensor(weights, dtype=torch.float32)
+
 
 
 # ---------------------------------------------------------------------------- schedules

@@ -7,7 +7,7 @@ Features, each with the recipe key (or CLI flag) that controls it:
   routed to the M2D branch as in the paper or as in the reference code (`data.routing`)
 - small-data inflation to a minimum epoch size (`data.min_ds_size`)
 - AMP (bf16 / fp16 + scaler / fp32 on CPU) (`run.amp`), gradient accumulation (`optim.accum_steps`),
-  AdamW with decay groups, warm-up + cosine LR per iteration, clipping, EMA per spec (`objective.ema_*`)
+  AdamW with decay groups, warm-up + cosine LR per iteration, clipping, EMA of the target (`objective.ema_*`; docs/METHOD.md)
 - checkpoints in the published layout every `run.save_every` epochs, written atomically; a resume
   state every epoch; `resume_run(run_dir)` continues exactly (model, optimiser, scaler, RNG, epoch)
 - DDP when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU
@@ -19,33 +19,23 @@ folder named by the published convention, `state/last.pth` and `report/` (progre
 from __future__ import annotations
 
 import math
-import os
-import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt_io
 from .audio import FrontEndConfig
 from .config import load_recipe, save_resolved, to_dict
-from .data.downloads import data_root, resolve_noise
-from .data.pretrain_data import (
-    CropDataset,
-    KeyedSampler,
-    LogMelCache,
-    NoiseCropDataset,
-    PretrainItems,
-    compute_norm_stats,
-    list_training_audio,
-    mix_in_log_domain,
-)
-from .errors import ConfigError, M2DXError
+from .data.corpora import cache_root, resolve_noise
+from .data.crops import CropDataset, KeyedSampler, NoiseCropDataset, PretrainItems, compute_norm_stats, mix_in_log_domain
+from .data.logmel_cache import LogMelCache
+from .data.segments import list_segments, read_manifest
+from .errors import ConfigError
 from .fileio import atomic_torch_save, atomic_write_json
 from .models.m2d import M2D, PredictorConfig
 from .models.vit import AudioViT, ViTConfig, param_groups
@@ -60,191 +50,21 @@ from .objectives import (
     random_masking,
 )
 from .progress import MetricLogger, console, environment_facts, make_progress
-
-ICBHI_BASE = "m2d_vit_base-80x200p16x4-230529"
-
-
-# ---------------------------------------------------------------------------- recipe
-@dataclass
-class ModelSection:
-    """Architecture for training from scratch (ignored when a base checkpoint gives it)."""
-
-    input_size: tuple[int, int] = (80, 200)
-    patch_size: tuple[int, int] = (16, 4)
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    sample_rate: int = 16000
-    predictor_dim: int = 512
-    predictor_depth: int = 8
-    predictor_heads: int = 16
-
-
-@dataclass
-class DataSection:
-    data: str = ""  # folder (recursive) or CSV manifest with a `path` column
-    noise: str = ""  # folder, CSV, `fsd50k`, `esc50`, or "" for no background noise
-    noise_ratio: float = 0.3  # r in log(r*exp(noise) + (1-r)*exp(clean)); ICBHI 0.3, SPRSound 0.01
-    routing: Literal["paper", "reference"] = "paper"  # which branch sees the noisy mix
-    min_ds_size: int = 10000  # inflate the file list to at least this many items per epoch
-    norm_stats_samples: int = 10000  # random crops used for the dataset mean/std
-    data_root: str = ""  # where named data sets live; default $M2DX_DATA or ~/.cache/m2dx/data
-    cache_dir: str = ""  # log-mel cache; default <data_root>/cache
-    cache_workers: int = 2
-    loader_workers: int = 2
-    skip_bad: bool = False  # skip unreadable files instead of stopping
-
-
-@dataclass
-class ObjectiveSection:
-    mask_ratio: float = 0.7
-    offline_task: Literal["teacher", "labels", "none"] = "teacher"
-    teacher: str = ""  # frozen teacher checkpoint; default = the base checkpoint
-    lambda_m2d: float = 1.0
-    lambda_off: float = 1.0
-    ema_start: float = 0.99995
-    ema_end: float = 0.99999
-
-
-@dataclass
-class OptimSection:
-    epochs: int = 600
-    warmup_epochs: int = 24
-    batch_size: int = 64
-    accum_steps: int = 2
-    blr: float = 3e-4  # lr = blr * effective batch / 256
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    clip_grad: float = 3.0
-
-
-@dataclass
-class RunSection:
-    out: str = ""  # run directory; default runs/<name>-<timestamp>
-    seed: int = 0
-    device: str = "auto"  # auto = cuda when present
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16/fp16 on GPUs, fp32 on CPU; bf16 on a bf16 CPU
-    save_every: int = 100  # epochs between published-layout checkpoints (the last epoch is always saved)
-    max_steps: int = 0  # stop after this many optimiser steps (0 = no limit); for smoke runs
-    log_every: int = 10  # optimiser steps between log lines
-    compile: bool = False  # torch.compile the model (GPU; +50% throughput on an H200, ~1 min to compile)
-    report_on_save: bool = True  # refresh report/ (curves + label-free health) after each checkpoint, in the background
-    tag: str = ""  # appended to the checkpoint folder name
-
-
-@dataclass
-class PretrainRecipe:
-    name: str = "icbhi_m2dx"
-    base: str = ICBHI_BASE  # published name, folder or file; "" = train from scratch
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    run: RunSection = field(default_factory=RunSection)
-
-
-class TrainingDiverged(M2DXError):
-    """The loss became NaN/Inf; the last good checkpoint is kept."""
-
-
-# ---------------------------------------------------------------------------- environment
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed(device_choice: str) -> Distributed:
-    """Join the torchrun process group when launched with WORLD_SIZE > 1 (gloo on CPU, NCCL on GPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Distributed()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device_choice in ("auto", "cuda")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        torch.cuda.set_device(local)
-    return Distributed(rank, world, local)
-
-
-def pick_device(choice: str, ddp: Distributed) -> torch.device:
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    if choice.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-        return torch.device("cuda", ddp.local_rank) if choice == "cuda" else torch.device(choice)
-    return torch.device(choice)
-
-
-def cpu_has_bf16_matmul() -> bool:
-    """True where oneDNN runs bf16 matrix products natively (AVX512-BF16 or AMX), ~2x fp32 speed."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def pick_amp(choice: str, device: torch.device) -> torch.dtype | None:
-    """auto: bf16 where supported, fp16 (with a grad scaler) on older GPUs, fp32 on CPU.
-
-    On a CPU, an explicit `bf16` is honoured when the CPU has bf16 matrix units (1.6x faster for
-    ViT-B here, see BENCHMARKS.md); fp16 is never used on a CPU.
-    """
-    if device.type != "cuda":
-        if choice == "bf16" and cpu_has_bf16_matmul():
-            return torch.bfloat16
-        if choice in ("bf16", "fp16"):
-            console.print(f"[yellow]amp={choice} ignored on this {device.type}; training in fp32[/]")
-        return None
-    if choice == "off":
-        return None
-    if choice == "fp16":
-        return torch.float16
-    if choice == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]),
-        "python_version": random.getstate()[0],
-        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-        "numpy_pos": int(np.random.get_state()[2]),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((state["python_version"], tuple(int(x) for x in state["python"]), None))
-    keys = state["numpy"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
+from .recipes import ModelSection, PretrainRecipe, validate_pretrain_recipe
+from .rundir import default_run_dir
+from .runtime import (
+    TrainingDiverged,
+    autocast,
+    epoch_shuffle_seed,
+    init_distributed,
+    pick_amp,
+    pick_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    stream_seed,
+)
+from .weights import load_encoder, open_checkpoint
 
 # ---------------------------------------------------------------------------- setup pieces
 @dataclass
@@ -259,9 +79,7 @@ class TrainingData:
 
 def log_mel_cache_dir(recipe: PretrainRecipe) -> Path:
     """The run's log-mel cache: `data.cache_dir`, else `<data root>/cache` (the report's crops reuse it)."""
-    if recipe.data.cache_dir:
-        return Path(recipe.data.cache_dir)
-    return data_root(Path(recipe.data.data_root) if recipe.data.data_root else None) / "cache"
+    return cache_root(recipe.data.cache_dir, recipe.data.data_root)
 
 
 def prepare_data(recipe: PretrainRecipe, frontend: FrontEndConfig, crop_frames: int,
@@ -270,7 +88,9 @@ def prepare_data(recipe: PretrainRecipe, frontend: FrontEndConfig, crop_frames: 
     """List, validate and cache the audio (decode + resample + log-mel once), then build the datasets."""
     if not recipe.data.data:
         raise ConfigError("no training data given; pass --data FOLDER_OR_CSV")
-    segments = list_training_audio(Path(recipe.data.data))
+    source = Path(recipe.data.data).expanduser()
+    manifest = read_manifest(source) if source.is_file() and source.suffix.lower() == ".csv" else None
+    segments = manifest.segments if manifest is not None else list_segments(source)
     cache = LogMelCache(log_mel_cache_dir(recipe), frontend)
     lms_list, bad = cache.build(segments, workers=recipe.data.cache_workers, skip_bad=recipe.data.skip_bad,
                                 progress=progress)
@@ -279,11 +99,11 @@ def prepare_data(recipe: PretrainRecipe, frontend: FrontEndConfig, crop_frames: 
     good = cache.last_good_segments  # the segments behind lms_list, same order
     labels, names = None, []
     if recipe.objective.offline_task == "labels":
-        raw = [s.label for s in good]
-        if any(not lab for lab in raw):
+        if any(s.label is None for s in good):
             raise ConfigError(f"{recipe.data.data}: offline_task=labels needs a `label` for every row of the manifest")
-        names = sorted({lab for lab in raw})
-        labels = [names.index(lab) for lab in raw]
+        used = sorted({s.label for s in good})  # --skip-bad may have dropped every file of a class
+        names = [manifest.classes[i] for i in used]
+        labels = [used.index(s.label) for s in good]
     if norm_stats is None:
         norm_stats = compute_norm_stats(lms_list, crop_frames, recipe.data.norm_stats_samples, recipe.run.seed)
     dataset = CropDataset(lms_list, crop_frames, min_ds_size=recipe.data.min_ds_size, labels=labels,
@@ -291,12 +111,12 @@ def prepare_data(recipe: PretrainRecipe, frontend: FrontEndConfig, crop_frames: 
     noise = None
     if recipe.data.noise:
         root = Path(recipe.data.data_root) if recipe.data.data_root else None
-        noise_segments = list_training_audio(resolve_noise(recipe.data.noise, root))
+        noise_segments = list_segments(resolve_noise(recipe.data.noise, root))
         noise_lms, bad_noise = cache.build(noise_segments, workers=recipe.data.cache_workers,
                                            skip_bad=recipe.data.skip_bad, progress=progress)
         # each rank draws its own noise stream, but all centre it with the mean of the same sample
-        noise = NoiseCropDataset(noise_lms, crop_frames, mean=noise_mean, seed=recipe.run.seed + 17 + 7919 * rank,
-                                 stats_seed=recipe.run.seed + 17,
+        noise = NoiseCropDataset(noise_lms, crop_frames, mean=noise_mean, seed=stream_seed(recipe.run.seed, "noise", rank),
+                                 stats_seed=stream_seed(recipe.run.seed, "noise_stats"),
                                  num_stat_samples=min(recipe.data.norm_stats_samples, 10000))
     return TrainingData(dataset, noise, float(norm_stats[0]), float(norm_stats[1]), len(lms_list), names)
 
@@ -313,19 +133,14 @@ def scratch_predictor_config(m: ModelSection) -> PredictorConfig:
 def load_teacher(recipe: PretrainRecipe) -> AudioViT | None:
     """The frozen offline teacher: `objective.teacher`, else the base checkpoint, else None (initial model)."""
     source = recipe.objective.teacher or recipe.base
-    return ckpt_io.load_encoder(source) if source else None
+    return load_encoder(source) if source else None
 
 
-def freeze_initial_encoder(model: M2D, run_dir: Path) -> AudioViT:
+def freeze_initial_encoder(model: M2D, run_dir: Path) -> tuple[AudioViT, Path]:
     """Without a base checkpoint the teacher is the initial encoder; saved so a resumed run reuses it."""
     teacher = AudioViT(model.config, tuple(model.norm_stats.tolist()))
     teacher.load_state_dict(model.encoder_state_dict())
-    folder = ckpt_io.checkpoint_folder_name(model.config, offline=False, tag="teacher")
-    path = run_dir / "teacher" / folder / "checkpoint-0.pth"
-    atomic_torch_save({"model": teacher.state_dict(), "epoch": 0, "m2dx": {
-        "vit_config": {**to_dict(model.config)}}}, path)
-    teacher.saved_path = path
-    return teacher
+    return teacher, ckpt_io.save_teacher(teacher, run_dir)
 
 
 def build_offline_task(recipe: PretrainRecipe, label_names: list[str], teacher: AudioViT | None,
@@ -340,33 +155,20 @@ def build_offline_task(recipe: PretrainRecipe, label_names: list[str], teacher: 
     return TeacherTask(teacher.to(device))
 
 
-def validate_recipe(recipe: PretrainRecipe) -> None:
-    """Reject bad combinations before any work starts."""
-    o, r = recipe.optim, recipe.run
-    if o.batch_size < 1 or o.accum_steps < 1 or o.epochs < 1:
-        raise ConfigError("optim.batch_size, optim.accum_steps and optim.epochs must be >= 1")
-    if not 0.0 < recipe.objective.mask_ratio < 1.0:
-        raise ConfigError(f"objective.mask_ratio must be in (0, 1), got {recipe.objective.mask_ratio}")
-    if not 0.0 <= recipe.data.noise_ratio <= 1.0:
-        raise ConfigError(f"data.noise_ratio must be in [0, 1], got {recipe.data.noise_ratio}")
-    if r.save_every < 1:
-        raise ConfigError("run.save_every must be >= 1")
-
-
 # ---------------------------------------------------------------------------- the trainer
 class Pretrainer:
     """Holds the parts of one run; `train()` is the loop. Built by `start_run` / `resume_run`."""
 
     def __init__(self, recipe: PretrainRecipe, run_dir: Path, resume_from: Path | None = None,
                  on_save: Callable[[Path], None] | None = None):
-        validate_recipe(recipe)
+        validate_pretrain_recipe(recipe)
         self.recipe, self.run_dir, self.on_save = recipe, run_dir, on_save
         self.ddp = init_distributed(recipe.run.device)
-        self.device = pick_device(recipe.run.device, self.ddp)
+        self.device = pick_device(recipe.run.device, self.ddp.local_rank)
         self.amp_dtype = pick_amp(recipe.run.amp, self.device)
-        seed_everything(recipe.run.seed)  # the same initial model (and initial-encoder teacher) on every rank
+        seed_everything(stream_seed(recipe.run.seed, "model"))  # the same initial model (and teacher) on every rank
         resume = ckpt_io.LoadedCheckpoint(resume_from) if resume_from else None
-        base = ckpt_io.open_checkpoint(recipe.base) if (recipe.base and resume is None) else None
+        base = open_checkpoint(recipe.base) if (recipe.base and resume is None) else None
         meta = resume.meta if resume else {}
         vit = (resume or base).vit_config if (resume or base) else scratch_vit_config(recipe.model)
         self.frontend = FrontEndConfig.for_sample_rate(vit.sample_rate)
@@ -391,15 +193,15 @@ class Pretrainer:
             self.notes = ["trained from scratch (no base checkpoint)"]
         self.model.norm_stats.copy_(torch.tensor([self.data.mean, self.data.std]))
         if recipe.objective.offline_task == "teacher" and teacher is None:
-            teacher = freeze_initial_encoder(self.model, run_dir)
-            recipe.objective.teacher = str(teacher.saved_path)
-            self.notes.append(f"no base checkpoint: the teacher is the frozen initial encoder ({teacher.saved_path})")
+            teacher, saved = freeze_initial_encoder(self.model, run_dir)
+            recipe.objective.teacher = str(saved)
+            self.notes.append(f"no base checkpoint: the teacher is the frozen initial encoder ({saved})")
         self.task = build_offline_task(recipe, self.data.label_names, teacher, self.device)
         if teacher is not None and (teacher.config.input_size[1] != vit.input_size[1]
                                     or teacher.config.patch_size[1] != vit.patch_size[1]):
             raise ConfigError("the teacher must have the same input width and patch width as the model")
         self.model.to(self.device)
-        seed_everything(recipe.run.seed + 7919 * self.ddp.rank)  # masks differ between ranks
+        seed_everything(stream_seed(recipe.run.seed, "masks", self.ddp.rank))  # masks differ between ranks
 
         o = recipe.optim
         self.lr = effective_lr(o.blr, o.batch_size, o.accum_steps, self.ddp.world_size)
@@ -454,7 +256,7 @@ class Pretrainer:
     def _seed_epoch(self, epoch: int) -> None:
         """The shuffle order of epoch e depends only on (seed, e, rank); crops and noise on the item keys."""
         if not self.ddp.enabled:
-            self._sampler_gen.manual_seed(self.recipe.run.seed * 100003 + epoch * 1009)
+            self._sampler_gen.manual_seed(epoch_shuffle_seed(self.recipe.run.seed, epoch))
         self.sampler.set_epoch(epoch)
 
     # ------------------------------------------------------------ state
@@ -512,17 +314,17 @@ class Pretrainer:
         if published:
             path = self.run_dir / self.folder_name / f"checkpoint-{self.epoch}.pth"
         else:
-            path = self.run_dir / "state" / "last.pth"
+            path = self.run_dir / ckpt_io.RESUME_STATE
         atomic_torch_save(state, path)
         if published:
-            stale = self.run_dir / "state" / "last.pth"
+            stale = self.run_dir / ckpt_io.RESUME_STATE
             if stale.exists():
                 stale.unlink()  # the published checkpoint is now the newest resume point
         return path
 
     # ------------------------------------------------------------ one step
     def _inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(M2D input, teacher input), normalised; noise (cropped by the loader) mixed on the device (spec §4)."""
+        """(M2D input, teacher input), normalised; noise (cropped by the loader) mixed on the device (docs/METHOD.md, "Background noise")."""
         lms = batch["lms"].to(self.device, non_blocking=True)
         mean, std = self.data.mean, self.data.std
         if self.data.noise is None:
@@ -652,8 +454,7 @@ def m2dx_losses(model: M2D, forward_model: torch.nn.Module, task: OfflineTask | 
     """
     device = m2d_input.device
     ids_shuffle, len_keep = random_masking(m2d_input.shape[0], model.config.num_patches, mask_ratio, device)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    with autocast:
+    with autocast(device, amp_dtype):
         out = forward_model(m2d_input, ids_shuffle, len_keep)
         loss_m2d = norm_cosine_loss(out["predicted"], out["target"])
         losses = {"loss_m2d": loss_m2d}
@@ -690,30 +491,10 @@ def _status(row: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------- entry points
-def default_run_dir(recipe: PretrainRecipe) -> Path:
-    return Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def latest_resume_point(run_dir: Path) -> Path | None:
-    """The newest of `state/last.pth` and the published checkpoints, by epoch.
-
-    Published files carry their epoch in the name; `last.pth` is only peeked at for its epoch
-    (a ViT-B training checkpoint is ~2 GB; the resume reads it once, later).
-    """
-    published = ckpt_io.list_checkpoints(run_dir)
-    newest = published[-1] if published else None
-    last = run_dir / "state" / "last.pth"
-    if last.is_file():
-        last_epoch = ckpt_io.peek_checkpoint(last)[0] or 0
-        if newest is None or last_epoch > newest[0]:
-            return last
-    return newest[1] if newest else None
-
-
 def start_run(recipe: PretrainRecipe, on_save: Callable[[Path], None] | None = None, progress: bool = True) -> Path:
     """A new run: write the resolved recipe and environment facts, then train."""
-    run_dir = Path(recipe.run.out) if recipe.run.out else default_run_dir(recipe)
-    if latest_resume_point(run_dir) is not None:
+    run_dir = Path(recipe.run.out) if recipe.run.out else default_run_dir(recipe.name)
+    if ckpt_io.latest_resume_point(run_dir) is not None:
         raise ConfigError(f"{run_dir}: already holds a run; resume it with --resume {run_dir} or pick another --out")
     recipe.run.out = str(run_dir)
     trainer = Pretrainer(recipe, run_dir, on_save=on_save)
@@ -734,7 +515,7 @@ def resume_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (),
     if not (run_dir / "recipe.toml").is_file():
         raise ConfigError(f"{run_dir}: no recipe.toml here; pass the run directory that further-pretrain created")
     recipe = load_recipe(PretrainRecipe, run_dir / "recipe.toml", overrides)
-    point = latest_resume_point(run_dir)
+    point = ckpt_io.latest_resume_point(run_dir)
     if point is None:
         console.print(f"[yellow]{run_dir}: no checkpoint yet; starting the run from the beginning[/]")
     trainer = Pretrainer(recipe, run_dir, resume_from=point, on_save=on_save)

@@ -18,10 +18,11 @@ from .config import load_recipe
 from .data.icbhi import SPLIT_FILE, annotation_dir
 from .demo_data import demo_noise_dir, make_demo_icbhi
 from .errors import ConfigError
-from .finetune import FinetuneRecipe, finetune
-from .pretrain import PretrainRecipe, resume_run, start_run
+from .finetune import finetune
+from .pretrain import resume_run, start_run
+from .recipes import FinetuneRecipe, PretrainRecipe
 from .progress import console
-from .reporting import build_report, render_report_table
+from .report import build_report, render_report_table
 
 
 def run_quickstart(out: Path, *, data: Path | None = None, noise: Path | None = None,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from m2dx_clinic import download as dl
+from m2dx_clinic import fetch as dl
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Parity matters because a front-end that differs from the checkpoints' (e.g. torchaudio's default
 HTK mel scale) silently degrades every downstream number; the loader tests pin the user-facing
-errors and the resampling/downmix rules of spec §1.
+errors and the resampling/downmix rules of docs/METHOD.md, "Front-end".
 """
 
 from __future__ import annotations

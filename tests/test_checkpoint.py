@@ -1,4 +1,4 @@
-"""Checkpoint I/O: published layouts, geometry from names and shapes, safety, and M2D restore (spec §5)."""
+"""Checkpoint I/O: published layouts, geometry from names and shapes, safety, and M2D restore (docs/METHOD.md, "Checkpoints")."""
 
 from __future__ import annotations
 
@@ -18,13 +18,12 @@ from m2dx_clinic.checkpoint import (
     filter_checkpoint,
     list_checkpoints,
     load_checkpoint_file,
-    load_encoder,
-    open_checkpoint,
     peek_checkpoint,
     strict_load,
     training_checkpoint,
 )
 from m2dx_clinic.errors import CheckpointError
+from m2dx_clinic.weights import load_encoder, open_checkpoint
 from m2dx_clinic.models.m2d import M2D, PredictorConfig
 from m2dx_clinic.models.vit import AudioViT, ViTConfig
 

@@ -14,11 +14,14 @@ import pytest
 import torch
 
 from m2dx_clinic import checkpoint as ckpt_io
+from m2dx_clinic.weights import load_encoder
 from m2dx_clinic.config import load_recipe
 from m2dx_clinic.demo_data import demo_noise_dir, make_demo_icbhi
 from m2dx_clinic.models.m2d import M2D
 from m2dx_clinic.models.vit import ViTConfig
-from m2dx_clinic.pretrain import PretrainRecipe, TrainingDiverged, start_run
+from m2dx_clinic.pretrain import start_run
+from m2dx_clinic.recipes import PretrainRecipe
+from m2dx_clinic.runtime import TrainingDiverged
 from local_http import LocalServer
 
 M2DX = [sys.executable, "-m", "m2dx_clinic"]
@@ -96,7 +99,7 @@ def test_weights_download_through_the_cli(http_server: LocalServer, tmp_path):
     listing = run_cli("weights", "list", env=env).stdout + run_cli("weights", "list", env=env).stderr
     assert name in listing and "github.com/nttcslab/m2d/releases/download" in listing
     # the published name now resolves to the cached file for every command
-    assert ckpt_io.load_encoder(path).config.input_size == (80, 200)
+    assert load_encoder(path).config.input_size == (80, 200)
 
 
 def _tiny_checkpoint(tmp_path: Path) -> Path:
@@ -151,7 +154,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
         start_run(recipe, progress=False)
     saved = ckpt_io.list_checkpoints(tmp_path / "run")
     assert [e for e, _ in saved] == [1]
-    enc = ckpt_io.load_encoder(saved[0][1])
+    enc = load_encoder(saved[0][1])
     assert all(torch.isfinite(p).all() for p in enc.state_dict().values())
 
 
@@ -183,6 +186,6 @@ def test_vit_base_two_step_cpu_run_saves_the_published_layout(tmp_path, demo_dir
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state)
     assert sum(k.startswith("blocks.") for k in state) == 12 * 12
     assert isinstance(raw["args"].__dict__, dict) and raw["epoch"] == epoch
-    encoder = ckpt_io.load_encoder(path)
+    encoder = load_encoder(path)
     assert encoder.frame_feature_dim == 3840
     assert json.loads((run / "environment.json").read_text())["device"] == "cpu"

@@ -138,8 +138,8 @@ def test_dump_toml_round_trip(tmp_path):
 def test_every_shipped_recipe_validates(recipe):
     """Each recipe in recipes/ loads against its schema (unknown keys or bad types would fail here)."""
     from m2dx_clinic.config import find_recipe, read_toml
-    from m2dx_clinic.finetune import FinetuneRecipe
-    from m2dx_clinic.pretrain import PretrainRecipe
+    from m2dx_clinic.recipes import FinetuneRecipe
+    from m2dx_clinic.recipes import PretrainRecipe
     from m2dx_clinic.tuning import load_search_space
 
     path = find_recipe(recipe)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from m2dx_clinic.data.pretrain_data import list_training_audio
+from m2dx_clinic.data.segments import list_segments
 from m2dx_clinic.demo_data import demo_noise_dir, make_demo_csv, make_demo_icbhi
 from m2dx_clinic.errors import ConfigError, DataError
 
@@ -84,7 +84,7 @@ def test_demo_csv_manifest(tmp_path):
     rows = list(csv.DictReader(manifest.open()))
     assert list(rows[0]) == ["path", "label", "subject"]
     assert {r["label"] for r in rows} == {"healthy", "crackles", "wheezes"}
-    segments = list_training_audio(manifest)
+    segments = list_segments(manifest)
     assert len(segments) == len(rows) == 24 and all(s.path.is_file() for s in segments)
     assert segments[0].subject == rows[0]["subject"]
 

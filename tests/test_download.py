@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from m2dx_clinic import download as dl
-from m2dx_clinic.data import downloads as data_dl
-from m2dx_clinic.download import (
+from m2dx_clinic import fetch as dl
+from m2dx_clinic.data import corpora as data_dl
+from m2dx_clinic.fileio import sha256_file as file_sha256
+from m2dx_clinic.fetch import (
     download_file,
     extract_zip,
-    file_sha256,
     is_completed,
     join_multipart_zip,
 )

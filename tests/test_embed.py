@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from m2dx_clinic.audio import FrontEndConfig, LogMelSpectrogram, load_audio
-from m2dx_clinic.checkpoint import atomic_torch_save, checkpoint_folder_name, load_encoder, training_checkpoint
+from m2dx_clinic.checkpoint import atomic_torch_save, checkpoint_folder_name, training_checkpoint
+from m2dx_clinic.weights import load_encoder
 from m2dx_clinic.embed import EmbedResult, embed_files, encode_waveform, output_names
 from m2dx_clinic.models.m2d import M2D, PredictorConfig
 from m2dx_clinic.models.vit import ViTConfig

@@ -1,5 +1,5 @@
 """Fine-tuning: correct gradient accumulation, no dropped samples, batch-independent predictions,
-honest model selection, and outputs that can be recomputed from predictions.csv (spec §6, §7)."""
+honest model selection, and outputs that can be recomputed from predictions.csv (docs/METHOD.md, "Fine-tuning")."""
 
 from __future__ import annotations
 
@@ -16,21 +16,20 @@ import torch
 import torch.nn.functional as F
 
 from m2dx_clinic import finetune as ft
+from m2dx_clinic import recipes
+from m2dx_clinic.audio import FrontEndConfig
+from m2dx_clinic.augment import spec_augment
+from m2dx_clinic.data import segment_cache
+from m2dx_clinic.objectives import inverse_frequency_weights
 from m2dx_clinic.checkpoint import atomic_torch_save, checkpoint_folder_name, training_checkpoint
 from m2dx_clinic.config import RECIPES_DIR, load_recipe
 from m2dx_clinic.data.tasks import load_task
 from m2dx_clinic.demo_data import make_demo_icbhi
 from m2dx_clinic.errors import AudioError, CheckpointError, ConfigError
-from m2dx_clinic.finetune import (
-    TEST_BEST_LABEL,
-    FinetuneRecipe,
-    backward_batch,
-    finetune,
-    load_params_toml,
-    predict,
-    prepare_cycles,
-    train_epoch,
-)
+from m2dx_clinic.config import load_params_toml
+from m2dx_clinic.data.segment_cache import prepare_segments as prepare_cycles
+from m2dx_clinic.finetune import backward_batch, finetune, predict, train_epoch
+from m2dx_clinic.recipes import TEST_BEST_LABEL, FinetuneRecipe
 from m2dx_clinic.metrics import aggregate_runs, icbhi_scores
 from m2dx_clinic.models.classifier import Classifier
 from m2dx_clinic.models.m2d import M2D, PredictorConfig
@@ -78,7 +77,7 @@ def recompute(pred: pd.DataFrame, classes: list[str], normal: int) -> dict:
 @pytest.mark.parametrize("name", ["icbhi_finetune", "sprsound_finetune", "tiny_finetune"])
 def test_recipes_parse(name):
     recipe = load_recipe(FinetuneRecipe, name)
-    ft.validate_recipe(recipe)
+    recipes.validate_finetune_recipe(recipe)
 
 
 def test_paper_defaults_in_icbhi_recipe():
@@ -101,13 +100,13 @@ def test_paper_defaults_in_icbhi_recipe():
 def test_bad_recipe_values(override, words):
     recipe = load_recipe(FinetuneRecipe, "tiny_finetune", [override])
     with pytest.raises(ConfigError, match=words):
-        ft.validate_recipe(recipe)
+        recipes.validate_finetune_recipe(recipe)
 
 
 def test_test_best_without_test_scoring_is_refused():
     recipe = load_recipe(FinetuneRecipe, "tiny_finetune", ["run.selection=test-best"])
     with pytest.raises(ConfigError, match="test-best"):
-        ft.validate_recipe(recipe, score_test=False)
+        recipes.validate_finetune_recipe(recipe, score_test=False)
 
 
 def test_load_params_toml_gives_overrides(tmp_path):
@@ -184,7 +183,7 @@ def test_every_sample_is_trained_each_epoch(weighting):
     optimizer = ft.make_optimizer(model, recipe.optim, 1.0)
     lms = torch.randn(11, 80, 40) * 2 - 6
     labels = [0, 1, 2, 3, 0, 1, 0, 0, 1, 2, 0]
-    weights = ft.inverse_frequency_weights(labels, 4) if weighting == "loss" else None
+    weights = inverse_frequency_weights(labels, 4) if weighting == "loss" else None
     stats = train_epoch(model, optimizer, lms, labels, recipe, epoch=0, device=torch.device("cpu"),
                         class_weights=weights)
     assert stats["train_samples"] == 11
@@ -193,7 +192,7 @@ def test_every_sample_is_trained_each_epoch(weighting):
 
 
 def test_a_diverged_loss_stops_with_a_clear_error():
-    from m2dx_clinic.pretrain import TrainingDiverged
+    from m2dx_clinic.runtime import TrainingDiverged
 
     recipe = load_recipe(FinetuneRecipe, "tiny_finetune", ["optim.batch_size=4"])
     model = tiny_classifier()
@@ -228,17 +227,17 @@ def test_normalisation_uses_the_encoder_statistics():
 # ---------------------------------------------------------------------------- cycle cache
 def test_cycles_are_cached_on_disk_and_reused(tmp_path, demo_icbhi, monkeypatch):
     items = load_task("icbhi", demo_icbhi).split("train")[:3]
-    frontend = ft.FrontEndConfig()
-    ft.clear_memory_cache()
+    frontend = FrontEndConfig()
+    segment_cache.clear_memory_cache()
     first = prepare_cycles(items, frontend=frontend, length_s=2.0, pad="circular", cache_dir=tmp_path)
     assert first.shape == (3, 80, 201)
     assert len(list(tmp_path.rglob("*.npy"))) == 3
-    ft.clear_memory_cache()
+    segment_cache.clear_memory_cache()
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(ft, "load_cycle", no_decoding)
+    monkeypatch.setattr(segment_cache, "load_fixed_length", no_decoding)
     again = prepare_cycles(items, frontend=frontend, length_s=2.0, pad="circular", cache_dir=tmp_path)
     assert torch.equal(first, again)
     with pytest.raises(AssertionError):  # another setting is another key
@@ -387,10 +386,10 @@ def test_augmentations_and_options_run(tmp_path, demo_icbhi, tiny_ckpt):
 def test_spec_augment_masks_per_sample():
     torch.manual_seed(0)
     x = torch.ones(16, 1, 80, 100)
-    out = ft.spec_augment(x, 20, 30)
+    out = spec_augment(x, 20, 30)
     zero_fraction = (out == 0).float().mean(dim=(1, 2, 3))
     assert zero_fraction.max() > 0 and len(set(zero_fraction.tolist())) > 1  # masks differ between samples
-    assert torch.equal(ft.spec_augment(x, 0, 0), x)
+    assert torch.equal(spec_augment(x, 0, 0), x)
 
 
 # ---------------------------------------------------------------------------- real data

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from m2dx_clinic.data.icbhi import CLASSES, load_cycle, load_icbhi, parse_icbhi, prepare_cycle
-from m2dx_clinic.data.inspect import inspect_task, render_inspect
-from m2dx_clinic.errors import ConfigError, DataError
+from m2dx_clinic.data.icbhi import CLASSES, load_icbhi, parse_icbhi
+from m2dx_clinic.data.segments import load_fixed_length
+from m2dx_clinic.data.inspection import inspect_task, render_inspect
+from m2dx_clinic.errors import DataError
 
 from conftest import write_wav
 
@@ -67,7 +67,7 @@ def test_load_icbhi_flat_layout_reports_missing_audio(tmp_path):
     item = td.items[0]
     assert item.item_id == "101_1b1_Al_sc_Meditron#000" and item.start == 0.0 and item.end == 0.5
     assert item.recording == "101_1b1_Al_sc_Meditron" and item.subject == "101"
-    wave = load_cycle(item, 16000, length_s=1.0)
+    wave = load_fixed_length(item, 16000, length_s=1.0)
     assert wave.shape == (16000,)
 
 
@@ -107,57 +107,6 @@ def test_inspect_synthetic(tmp_path):
     assert info["durations_s"]["max"] == pytest.approx(1.5)
     assert info["durations_s"]["total"] == pytest.approx(0.5 + 0.7 + 0.8 + 0.9 + 0.8 + 1.5 + 0.7 + 1.2)
     render_inspect(info)
-
-
-# --- cycle preparation ------------------------------------------------------------------------
-
-
-def test_prepare_cycle_cut_keeps_first_seconds():
-    wave = torch.arange(10 * 100, dtype=torch.float32)
-    out = prepare_cycle(wave, 100, length_s=8.0)
-    assert out.shape == (800,)
-    assert torch.equal(out, wave[:800])
-    assert torch.equal(prepare_cycle(wave[:800], 100), wave[:800])
-
-
-def test_prepare_cycle_zero_pad():
-    wave = torch.ones(300)
-    out = prepare_cycle(wave, 100, length_s=8.0, pad="zero")
-    assert out.shape == (800,)
-    assert torch.equal(out[:300], wave) and not out[300:].any()
-
-
-def test_prepare_cycle_circular_repeats_with_linear_fades():
-    sr, n = 160, 300
-    wave = torch.linspace(1.0, 2.0, n)  # never zero, so gains can be read as out / wave
-    out = prepare_cycle(wave, sr, length_s=8.0)
-    f = sr // 16  # 10
-    assert out.shape == (8 * sr,)
-    ramp = torch.arange(f) / f
-    # first copy: untouched start, faded-out end
-    assert torch.equal(out[: n - f], wave[: n - f])
-    assert torch.allclose(out[n - f : n] / wave[n - f :], ramp.flip(0))
-    # second copy: faded-in start, untouched middle, faded-out end
-    assert torch.allclose(out[n : n + f] / wave[:f], ramp)
-    assert torch.equal(out[n + f : 2 * n - f], wave[f : n - f])
-    assert torch.allclose(out[2 * n - f : 2 * n] / wave[n - f :], ramp.flip(0))
-    # last (partial) copy: faded-in start, then the cycle, cut without a fade
-    last = 4 * n
-    assert torch.allclose(out[last : last + f] / wave[:f], ramp)
-    assert torch.equal(out[last + f :], wave[f : 8 * sr - last])
-
-
-def test_prepare_cycle_fade_options_and_errors():
-    wave = torch.ones(100)
-    no_fade = prepare_cycle(wave, 16000, length_s=0.05, fade_samples=0)
-    assert torch.equal(no_fade, torch.ones(800))
-    capped = prepare_cycle(torch.ones(6), 16000, length_s=0.001)  # f capped at n // 2 = 3
-    assert torch.allclose(capped[:6], torch.tensor([1, 1, 1, 2 / 3, 1 / 3, 0.0]))
-    assert torch.allclose(capped[6:12], torch.tensor([0, 1 / 3, 2 / 3, 2 / 3, 1 / 3, 0.0]))  # a middle copy: both
-    with pytest.raises(ConfigError):
-        prepare_cycle(wave, 100, pad="reflect")
-    with pytest.raises(ValueError):
-        prepare_cycle(torch.zeros(0), 100)
 
 
 # --- the real annotations in ../shared/data ----------------------------------------------------

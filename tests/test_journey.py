@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 from m2dx_clinic import checkpoint as ckpt_io
+from m2dx_clinic.weights import load_encoder
 from m2dx_clinic.metrics import icbhi_scores
 
 M2DX = [sys.executable, "-m", "m2dx_clinic"]
@@ -64,7 +65,7 @@ def test_quickstart_journey(tmp_path):
     assert "report.html" in proc.stderr + proc.stdout
     run = out / "further_pretrain"
     assert [e for e, _ in ckpt_io.list_checkpoints(run)] == [5, 10]
-    ckpt_io.load_encoder(ckpt_io.list_checkpoints(run)[-1][1])
+    load_encoder(ckpt_io.list_checkpoints(run)[-1][1])
     check_finetune_outputs(out / "finetune")
     report = check_report(run, rows=3)  # epoch 0 (initial teacher), 5, 10
     assert all(row["probe"] is not None for row in report["rows"])

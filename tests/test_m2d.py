@@ -1,9 +1,9 @@
-"""M2D / M2D-X: loss parity against an independent re-computation from the spec's formulas, and the
-training rules around it (masking, EMA, schedules, parameter groups, gradient flow) — spec §3, §4.
+"""M2D / M2D-X: loss parity against an independent re-computation from the method's formulas, and the
+training rules around it (masking, EMA, schedules, parameter groups, gradient flow) (docs/METHOD.md, "Pre-training").
 
 The independent path uses the model only as a holder of weights: patchify by reshape + matmul,
 masking by plain indexing, unshuffle by scatter, positions from the numpy sin-cos table written
-from the spec. Only the transformer blocks are called as modules (their internals are timm's).
+from docs/METHOD.md. Only the transformer blocks are called as modules (their internals are timm's).
 """
 
 from __future__ import annotations

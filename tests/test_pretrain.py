@@ -14,13 +14,15 @@ import pytest
 import torch
 
 from m2dx_clinic import checkpoint as ckpt_io
+from m2dx_clinic.weights import load_encoder
 from m2dx_clinic.config import load_recipe
 from m2dx_clinic.demo_data import demo_noise_dir, make_demo_icbhi
 from m2dx_clinic.errors import ConfigError, DataError
 from m2dx_clinic.models.m2d import M2D, PredictorConfig
 from m2dx_clinic.models.vit import AudioViT, ViTConfig
 from m2dx_clinic.objectives import TeacherTask
-from m2dx_clinic.pretrain import PretrainRecipe, m2dx_losses, resume_run, start_run
+from m2dx_clinic.pretrain import m2dx_losses, resume_run, start_run
+from m2dx_clinic.recipes import PretrainRecipe
 
 M2DX = [sys.executable, "-m", "m2dx_clinic"]
 
@@ -47,7 +49,7 @@ def test_two_epochs_write_published_checkpoints_that_load(tmp_path, demo_audio):
     # the published convention: <model>-<F>x<T>p<pf>x<pt>p16k-<yymmdd>; the reference parser splits on '-' and 'p'
     size, patch, rate = folder.split("-")[1].split("p")[:3]
     assert (size, patch, rate) == ("80x200", "16x4", "16k")
-    encoder = ckpt_io.load_encoder(found[-1][1])
+    encoder = load_encoder(found[-1][1])
     raw = ckpt_io.load_checkpoint_file(found[-1][1])
     assert {"model", "optimizer", "epoch", "scaler", "args"} <= set(raw)
     assert raw["epoch"] == 2
@@ -191,7 +193,7 @@ def test_kill_9_mid_epoch_then_resume(tmp_path, demo_audio):
     saved = [e for e, _ in ckpt_io.list_checkpoints(out)]
     assert saved and max(saved) < 6, "the run should have been killed before finishing"
     for _, path in ckpt_io.list_checkpoints(out):
-        ckpt_io.load_encoder(path)  # every file on disk is complete (atomic writes)
+        load_encoder(path)  # every file on disk is complete (atomic writes)
     done = subprocess.run([*M2DX, "further-pretrain", "--resume", str(out)], capture_output=True, text=True,
                           timeout=400, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -219,7 +221,7 @@ def test_ddp_two_processes_on_cpu_then_resume(tmp_path, demo_audio):
     per_rank = meta["per_rank"]
     assert len(per_rank) == 2  # each rank's RNG (masks), so a resumed DDP run continues exactly
     assert not torch.equal(per_rank[0]["rng"]["torch"], per_rank[1]["rng"]["torch"])
-    ckpt_io.load_encoder(found[0][1])
+    load_encoder(found[0][1])
     resumed = subprocess.run([*M2DX, "pretrain", "--resume", str(out), "--nproc", "2", "--epochs", "2"],
                              capture_output=True, text=True, timeout=400, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -237,19 +239,19 @@ def test_further_pretrain_on_shared_icbhi_two_epochs(tmp_path, icbhi_dir, noise_
     found = ckpt_io.list_checkpoints(tmp_path / "run")
     assert [e for e, _ in found] == [1, 2]
     assert (tmp_path / "run" / "report" / "report.json").is_file()  # the cheap report refreshed at each save
-    ckpt_io.load_encoder(found[-1][1])
+    load_encoder(found[-1][1])
 
 
 def test_amp_choice_on_cpu(monkeypatch):
-    from m2dx_clinic import pretrain
+    from m2dx_clinic import runtime
 
     cpu = torch.device("cpu")
     for available in (True, False):
-        monkeypatch.setattr(pretrain, "cpu_has_bf16_matmul", lambda: available)
-        assert pretrain.pick_amp("auto", cpu) is None  # the default: fp32 on CPU
-        assert pretrain.pick_amp("off", cpu) is None
-        assert pretrain.pick_amp("fp16", cpu) is None  # never fp16 on a CPU
-        assert pretrain.pick_amp("bf16", cpu) == (torch.bfloat16 if available else None)
+        monkeypatch.setattr(runtime, "cpu_has_bf16_matmul", lambda: available)
+        assert runtime.pick_amp("auto", cpu) is None  # the default: fp32 on CPU
+        assert runtime.pick_amp("off", cpu) is None
+        assert runtime.pick_amp("fp16", cpu) is None  # never fp16 on a CPU
+        assert runtime.pick_amp("bf16", cpu) == (torch.bfloat16 if available else None)
 
 
 def test_bf16_step_on_cpu_matches_fp32_closely():

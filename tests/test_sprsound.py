@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from m2dx_clinic.data.inspect import inspect_task
+from m2dx_clinic.data.inspection import inspect_task
 from m2dx_clinic.data.sprsound import CLASSES, load_sprsound, parse_sprsound
 from m2dx_clinic.data.tasks import load_task
 from m2dx_clinic.errors import ConfigError, DataError

@@ -14,11 +14,13 @@ from pathlib import Path
 import optuna
 import pytest
 
-import m2dx_clinic.tuning as tuning
+import m2dx_clinic.tuning.study as tuning
 from m2dx_clinic.config import load_recipe
 from m2dx_clinic.errors import ConfigError, M2DXError
-from m2dx_clinic.finetune import FinetuneRecipe, FinetuneResult, load_params_toml
-from m2dx_clinic.tuning import Param, TuneSettings, load_search_space, parse_duration, suggest, tune
+from m2dx_clinic.config import load_params_toml
+from m2dx_clinic.finetune_outputs import FinetuneResult
+from m2dx_clinic.recipes import FinetuneRecipe, TuneSettings
+from m2dx_clinic.tuning import Param, load_search_space, parse_duration, suggest, tune
 
 SENTINEL_TASK = object()
 

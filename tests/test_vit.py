@@ -1,4 +1,4 @@
-"""The encoder: positional table from the spec's words, published key names, chunked encoding (spec §2, §6)."""
+"""The encoder: positional table from the method's words, published key names, chunked encoding (docs/METHOD.md)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def tiny(input_size=(80, 200), patch_size=(16, 4)) -> AudioViT:
 
 # ---------------------------------------------------------------------------- positions
 def numpy_sincos_table(dim: int, grid_f: int, grid_t: int) -> np.ndarray:
-    """Written from spec §2: per axis a D/2 embedding [sin(pos*w), cos(pos*w)], w_k = 1/10000^(k/(D/4)), k < D/4;
+    """Written from docs/METHOD.md, "Encoder": per axis a D/2 embedding [sin(pos*w), cos(pos*w)], w_k = 1/10000^(k/(D/4)), k < D/4;
     the first D/2 dims encode time, the last D/2 frequency; rows f-major; a zero CLS row first."""
     quarter = dim // 4
     omega = np.array([1.0 / 10000 ** (k / quarter) for k in range(quarter)])

@@ -1,4 +1,4 @@
-"""ICBHI 2017: cycle annotations, the official per-file split, and 8-second cycle preparation (spec §7).
+"""ICBHI 2017: cycle annotations and the official per-file split (docs/METHOD.md, "ICBHI protocol").
 
 The official split is per recording, not per patient, so two patients (156, 218) sit on both sides;
 it is kept as published (for comparable scores) and the overlap is reported as a warning.
@@ -11,11 +11,10 @@ from typing import NamedTuple
 from pathlib import Path
 
 import pandas as pd
-import torch
 
-from ..audio import AUDIO_SUFFIXES, load_audio
-from ..errors import ConfigError, DataError
-from .tasks import LabelledItem, TaskData, check_leakage, finish_task, segment_items
+from ..audio import AUDIO_SUFFIXES
+from ..errors import DataError
+from .task_data import TaskData, check_leakage, finish_task, resolve_normal_class, segment_items
 
 CLASSES = ["normal", "crackle", "wheeze", "both"]
 SPLIT_FILE = "ICBHI_challenge_train_test.txt"
@@ -168,10 +167,12 @@ class _SubjectSplit(NamedTuple):
     split: str
 
 
-def load_icbhi(data: Path | str, *, val_fraction: float = 0.15, seed: int = 0) -> TaskData:
+def load_icbhi(data: Path | str, *, normal_class: str | None = None, val_fraction: float = 0.15,
+               seed: int = 0) -> TaskData:
     """Cycles with audio as `TaskData` (official train/test, subject-disjoint val carved from train).
 
     Recordings whose annotations exist but whose audio is absent are listed in `missing_audio`.
+    The normal class is `normal` unless `normal_class` names another.
     """
     frame = parse_icbhi(data)
     with_audio = frame[frame["audio_path"].notna()]
@@ -189,63 +190,9 @@ def load_icbhi(data: Path | str, *, val_fraction: float = 0.15, seed: int = 0) -
     pairs = frame[["patient", "split"]].drop_duplicates()
     official = [_SubjectSplit(str(p), str(s)) for p, s in pairs.itertuples(index=False)]
     warnings.extend(f"all annotations: {w}" for w in check_leakage(official, official=True))
-    return finish_task("icbhi", CLASSES, items, official=True, source=str(data), val_fraction=val_fraction, seed=seed,
-                       notes=list(frame.attrs.get("notes", [])), warnings=warnings, missing_audio=missing,
-                       all_cycles=frame, leakage_prefix="cycles with audio: ")
-
-
-def prepare_cycle(
-    wave: torch.Tensor,
-    sr: int,
-    *,
-    length_s: float = 8.0,
-    pad: str = "circular",
-    fade_samples: int | None = None,
-) -> torch.Tensor:
-    """Make a cycle exactly `round(length_s * sr)` samples long (the common ICBHI preparation).
-
-    Longer cycles keep their first `length_s` seconds. Shorter ones are padded:
-    - 'zero': zeros appended after the cycle.
-    - 'circular': the cycle is repeated back to back and the result cut to length. At every join,
-      the last f samples of the earlier copy are multiplied by a linear fade-out
-      (f-1)/f, (f-2)/f, ..., 0 and the first f samples of the next copy by the fade-in
-      0, 1/f, ..., (f-1)/f, where f = fade_samples (default sr // 16), capped at half the cycle
-      length. The very start of the first copy and the final cut are not faded.
-    A cycle that already has the target length is returned unchanged.
-    """
-    if pad not in ("circular", "zero"):
-        raise ConfigError(f"cycle padding must be 'circular' or 'zero', got {pad!r}")
-    if wave.dim() != 1:
-        raise ValueError(f"prepare_cycle expects a 1-D waveform, got shape {tuple(wave.shape)}")
-    target = int(round(length_s * sr))
-    n = wave.shape[0]
-    if n == 0:
-        raise ValueError("cannot pad an empty cycle")
-    if n >= target:
-        return wave[:target].clone()
-    if pad == "zero":
-        return torch.cat([wave, wave.new_zeros(target - n)])
-    f = sr // 16 if fade_samples is None else int(fade_samples)
-    f = max(0, min(f, n // 2))
-    copies = -(-target // n)  # ceil
-    tiled = wave.repeat(copies)
-    if f > 0:
-        fade_in = torch.arange(f, dtype=wave.dtype, device=wave.device) / f
-        fade_out = fade_in.flip(0)
-        for k in range(1, copies):
-            join = k * n
-            tiled[join - f : join] *= fade_out
-            tiled[join : join + f] *= fade_in
-    return tiled[:target]
-
-
-def load_cycle(
-    item: LabelledItem,
-    sample_rate: int = 16000,
-    *,
-    length_s: float = 8.0,
-    pad: str = "circular",
-) -> torch.Tensor:
-    """Read an item's [start, end) segment at `sample_rate` and prepare it to `length_s` seconds."""
-    wave = load_audio(item.path, sample_rate, start=item.start, end=item.end)
-    return prepare_cycle(wave, sample_rate, length_s=length_s, pad=pad)
+    td = finish_task("icbhi", CLASSES, items, official=True, source=str(data), val_fraction=val_fraction, seed=seed,
+                     notes=list(frame.attrs.get("notes", [])), warnings=warnings, missing_audio=missing,
+                     all_cycles=frame, leakage_prefix="cycles with audio: ")
+    if normal_class is not None:
+        td.normal_class = resolve_normal_class(td.classes, normal_class, "normal", "icbhi")
+    return td

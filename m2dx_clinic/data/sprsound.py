@@ -1,4 +1,4 @@
-"""SPRSound (paediatric respiratory sounds): per-recording JSON event annotations, 7 event classes (spec §8).
+"""SPRSound (paediatric respiratory sounds): per-recording JSON event annotations, 7 event classes.
 
 Layout: DIR/train_wav, DIR/train_json, DIR/test_wav, DIR/test_json; the test folders may hold
 inter-patient and intra-patient subfolders (e.g. test_json/inter_test_json). The paper reports the
@@ -15,7 +15,7 @@ import pandas as pd
 
 from ..audio import AUDIO_SUFFIXES
 from ..errors import ConfigError, DataError
-from .tasks import TaskData, finish_task, segment_items
+from .task_data import TaskData, finish_task, resolve_normal_class, segment_items
 
 CLASSES = ["Normal", "Rhonchi", "Wheeze", "Stridor", "Coarse Crackle", "Fine Crackle", "Wheeze+Crackle"]
 TEST_SETS = ("inter", "intra", "all")
@@ -126,9 +126,13 @@ def parse_sprsound(data: Path | str, *, test_set: str = "inter") -> pd.DataFrame
 
 
 def load_sprsound(
-    data: Path | str, *, test_set: str = "inter", val_fraction: float = 0.15, seed: int = 0
+    data: Path | str, *, normal_class: str | None = None, test_set: str = "inter", val_fraction: float = 0.15,
+    seed: int = 0,
 ) -> TaskData:
-    """Events with audio as `TaskData`: official train / test (`test_set`), val carved subject-disjointly from train."""
+    """Events with audio as `TaskData`: official train / test (`test_set`), val carved subject-disjointly from train.
+
+    The normal class is `Normal` unless `normal_class` names another.
+    """
     frame = parse_sprsound(data, test_set=test_set)
     if frame.empty:
         raise DataError(f"{data}: no usable SPRSound events found; check the train_json/ and test_json/ files")
@@ -140,6 +144,9 @@ def load_sprsound(
     warnings = list(frame.attrs.get("warnings", []))
     if missing:
         warnings.append(f"audio missing for {len(missing)} annotated recording(s); their events are not used")
-    return finish_task("sprsound", CLASSES, items, official=True, source=str(data), val_fraction=val_fraction,
-                       seed=seed, notes=list(frame.attrs.get("notes", [])), warnings=warnings, missing_audio=missing,
-                       all_cycles=frame)
+    td = finish_task("sprsound", CLASSES, items, official=True, source=str(data), val_fraction=val_fraction,
+                     seed=seed, notes=list(frame.attrs.get("notes", [])), warnings=warnings, missing_audio=missing,
+                     all_cycles=frame)
+    if normal_class is not None:
+        td.normal_class = resolve_normal_class(td.classes, normal_class, "Normal", "sprsound")
+    return td

@@ -1,244 +1,50 @@
-"""The common record for labelled items, subject-disjoint validation carving, leakage checks, `load_task`.
+"""The labelled tasks the toolkit knows, by name: `load_task("icbhi" | "sprsound" | "csv", data)`.
 
-Every labelled task (ICBHI, SPRSound, a user's CSV) is turned into the same `TaskData` so that
-fine-tuning, metrics and reports never need to know where the labels came from.
+A task is an entry in `TASKS` (a name, what `--data` is, and its loader), so a new corpus is one
+loader module plus one line here; the commands, the report and the tuner only ever call `load_task`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-import numpy as np
-import pandas as pd
-from sklearn.model_selection import GroupShuffleSplit
-
-from ..errors import ConfigError, DataError
-from ..fileio import atomic_write_text
-
-SPLITS = ("train", "val", "test")
-TASKS = ("icbhi", "sprsound", "csv")
+from ..errors import ConfigError
+from .csv_task import load_csv_task
+from .icbhi import load_icbhi
+from .sprsound import load_sprsound
+from .task_data import TaskData
 
 
 @dataclass(frozen=True)
-class LabelledItem:
-    """One labelled example: a whole file, or the [start, end) segment (seconds) of a file."""
+class TaskOptions:
+    """What a command may ask of any loader; each loader uses the options that apply to it."""
 
-    item_id: str
-    path: Path
-    label: int
-    subject: str
-    split: str
-    start: float | None = None
-    end: float | None = None
-    recording: str = ""
-
-    def __post_init__(self) -> None:
-        if self.split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
-
-    @property
-    def duration(self) -> float | None:
-        """Segment length in seconds when both bounds are known (None for whole files)."""
-        if self.start is None or self.end is None:
-            return None
-        return self.end - self.start
+    normal_class: str | None = None
+    val_fraction: float = 0.15
+    seed: int = 0
+    test_set: str = "inter"  # SPRSound's inter- / intra-patient test set
 
 
-@dataclass
-class TaskData:
-    """A loaded task: classes, items with their splits, and everything the user should be told."""
-
+@dataclass(frozen=True)
+class Task:
     name: str
-    classes: list[str]
-    normal_class: int
-    items: list[LabelledItem]
-    missing_audio: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    official_split: bool = False
-    notes: list[str] = field(default_factory=list)
-    # Every annotated segment, audio or not (ICBHI): lets `inspect` report the published counts.
-    all_cycles: pd.DataFrame | None = None
-
-    def split(self, name: str) -> list[LabelledItem]:
-        if name not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
-        return [it for it in self.items if it.split == name]
-
-    def subjects(self, split: str | None = None) -> list[str]:
-        """Sorted subject ids in `split` (all splits when None)."""
-        items = self.items if split is None else self.split(split)
-        return sorted({it.subject for it in items})
-
-    def counts(self) -> pd.DataFrame:
-        """Items per class: one row per split present (train, val, test order), columns classes + total."""
-        rows = {}
-        for name in SPLITS:
-            labels = [it.label for it in self.items if it.split == name]
-            if not labels:
-                continue
-            per_class = np.bincount(labels, minlength=len(self.classes))[: len(self.classes)]
-            rows[name] = [int(c) for c in per_class] + [len(labels)]
-        frame = pd.DataFrame.from_dict(rows, orient="index", columns=[*self.classes, "total"])
-        frame.index.name = "split"
-        return frame
+    data: str  # what --data is, for help texts
+    load: Callable[[Path, TaskOptions], TaskData]
 
 
-def check_leakage(items: Sequence[LabelledItem], official: bool, source: str = "") -> list[str]:
-    """Subjects found in more than one split.
-
-    Anything with `.subject` and `.split` works. A published split (official=True) is kept as is and the overlap is returned as a warning,
-    because changing it would make results incomparable; anywhere else it raises DataError,
-    since a subject on both sides inflates test scores.
-    """
-    splits_of: dict[str, set[str]] = {}
-    for it in items:
-        splits_of.setdefault(it.subject, set()).add(it.split)
-    leaking = sorted((s for s, sp in splits_of.items() if len(sp) > 1), key=_natural_key)
-    if not leaking:
-        return []
-    described = ", ".join(
-        f"{s} ({'/'.join(x for x in SPLITS if x in splits_of[s])})" for s in leaking[:10]
-    )
-    more = f" and {len(leaking) - 10} more" if len(leaking) > 10 else ""
-    if official:
-        return [
-            f"the official split puts {len(leaking)} subject(s) in more than one split: "
-            f"{described}{more}; kept as published so scores stay comparable"
-        ]
-    prefix = f"{source}: " if source else ""
-    raise DataError(
-        f"{prefix}{len(leaking)} subject(s) appear in more than one split: {described}{more}; "
-        "put all of a subject's recordings in one split (or drop the split column to split automatically)"
-    )
-
-
-def carve_validation(
-    items: list[LabelledItem], *, val_fraction: float = 0.15, seed: int = 0, source: str = ""
-) -> tuple[list[LabelledItem], list[str]]:
-    """Move whole training subjects to a 'val' split (about `val_fraction` of training items).
-
-    Subjects that are also in the test split stay in train, so the validation split shares no
-    subject with either side. Among 20 seeded group shuffles the one whose item fraction is
-    closest to `val_fraction` is kept (deterministic for a given seed). Returns (items, notes).
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if val_fraction == 0.0 or any(it.split == "val" for it in items):
-        return list(items), []
-    train_idx = [i for i, it in enumerate(items) if it.split == "train"]
-    train_subjects = {items[i].subject for i in train_idx}
-    prefix = f"{source}: " if source else ""
-    if len(train_subjects) < 2:
-        raise DataError(
-            f"{prefix}the training split has {len(train_subjects)} subject(s); a subject-disjoint "
-            "validation split needs at least 2 (add recordings from more subjects, or set val_fraction=0)"
-        )
-    test_subjects = {it.subject for it in items if it.split == "test"}
-    candidates = [i for i in train_idx if items[i].subject not in test_subjects]
-    groups = np.array([items[i].subject for i in candidates])
-    unique = sorted(set(groups.tolist()), key=_natural_key)
-    notes = []
-    if len(unique) < len(train_subjects):
-        notes.append(
-            f"{len(train_subjects) - len(unique)} training subject(s) also in test kept out of validation"
-        )
-    if not unique:
-        raise DataError(
-            f"{prefix}every training subject is also in the test split, so no subject-disjoint "
-            "validation split can be made; set val_fraction=0"
-        )
-    if len(unique) == 1:
-        val_positions = set(candidates)
-    else:
-        splitter = GroupShuffleSplit(n_splits=20, test_size=val_fraction, random_state=seed)
-        best: tuple[float, np.ndarray] | None = None
-        target = val_fraction * len(train_idx)
-        for _, val_part in splitter.split(groups, groups=groups):
-            gap = abs(len(val_part) - target)
-            if best is None or gap < best[0]:
-                best = (gap, val_part)
-        assert best is not None
-        val_positions = {candidates[j] for j in best[1]}
-    out = [dataclasses.replace(it, split="val") if i in val_positions else it for i, it in enumerate(items)]
-    n_val_subjects = len({out[i].subject for i in val_positions})
-    notes.append(
-        f"validation carved from train: {len(val_positions)} of {len(train_idx)} items, "
-        f"{n_val_subjects} subject(s), seed {seed}"
-    )
-    return out, notes
-
-
-def segment_items(segments: pd.DataFrame, numbers: pd.Series, subject_column: str) -> list[LabelledItem]:
-    """Items from annotated segments that have audio (`recording, split, start, end, label, audio_path`).
-
-    `numbers` counts each segment within its recording over ALL annotations, audio or not, so an
-    item id (`<recording>#<nnn>`) names the same segment whichever audio files are present.
-    """
-    return [
-        LabelledItem(
-            item_id=f"{row.recording}#{int(numbers[index]):03d}",
-            path=Path(row.audio_path),
-            label=int(row.label),
-            subject=str(row[subject_column]),
-            split=str(row.split),
-            start=float(row.start),
-            end=float(row.end),
-            recording=str(row.recording),
-        )
-        for index, row in segments.iterrows()
-    ]
-
-
-def finish_task(
-    name: str,
-    classes: list[str],
-    items: list[LabelledItem],
-    *,
-    official: bool,
-    source: str,
-    val_fraction: float,
-    seed: int,
-    notes: list[str],
-    warnings: list[str],
-    missing_audio: list[str] | None = None,
-    all_cycles: pd.DataFrame | None = None,
-    leakage_prefix: str = "",
-) -> TaskData:
-    """The last steps of every loader: carve validation, check leakage, build `TaskData` (normal class first).
-
-    A user's own split (official=False) is refused when it leaks, before carving, so the leak and not
-    a carving problem is what the user is told; a published split keeps its overlap as a warning.
-    """
-    if not official:
-        check_leakage(items, official=False, source=source)
-    items, carve_notes = carve_validation(items, val_fraction=val_fraction, seed=seed, source=source)
-    leaks = check_leakage(items, official=official, source=source)
-    return TaskData(
-        name=name,
-        classes=list(classes),
-        normal_class=0,
-        items=items,
-        missing_audio=list(missing_audio or []),
-        warnings=[*warnings, *(leakage_prefix + w for w in leaks)],
-        official_split=official,
-        notes=[*notes, *carve_notes],
-        all_cycles=all_cycles,
-    )
-
-
-def resolve_normal_class(classes: list[str], normal_class: str | None, default: str, source: str) -> int:
-    """Index of the normal class; a name not in `classes` is a ConfigError listing the choices."""
-    wanted = default if normal_class is None else normal_class
-    for i, name in enumerate(classes):
-        if name == wanted:
-            return i
-    for i, name in enumerate(classes):
-        if name.lower() == wanted.lower():
-            return i
-    raise ConfigError(f"{source}: normal class {wanted!r} is not one of {', '.join(classes)}; pass --normal-class with one of them")
+TASKS: dict[str, Task] = {
+    "icbhi": Task("icbhi", "the ICBHI 2017 folder (ICBHI_final_database/ + the official split file)",
+                  lambda data, o: load_icbhi(data, normal_class=o.normal_class, val_fraction=o.val_fraction,
+                                             seed=o.seed)),
+    "sprsound": Task("sprsound", "the SPRSound folder (train_wav/, train_json/, test_wav/, test_json/)",
+                     lambda data, o: load_sprsound(data, normal_class=o.normal_class, test_set=o.test_set,
+                                                   val_fraction=o.val_fraction, seed=o.seed)),
+    "csv": Task("csv", "a CSV manifest path,label[,subject,split,start,end]",
+                lambda data, o: load_csv_task(data, normal_class=o.normal_class, val_fraction=o.val_fraction,
+                                              seed=o.seed)),
+}
 
 
 def load_task(
@@ -250,63 +56,9 @@ def load_task(
     seed: int = 0,
     test_set: str = "inter",
 ) -> TaskData:
-    """Load 'icbhi' (a folder), 'sprsound' (a folder; `test_set` inter/intra/all) or 'csv' (a CSV file)."""
-    name = task.strip().lower()
-    data = Path(data).expanduser()
-    if name == "icbhi":
-        from .icbhi import load_icbhi
-
-        td = load_icbhi(data, val_fraction=val_fraction, seed=seed)
-        if normal_class is not None:
-            td.normal_class = resolve_normal_class(td.classes, normal_class, "normal", "icbhi")
-        return td
-    if name == "sprsound":
-        from .sprsound import load_sprsound
-
-        td = load_sprsound(data, test_set=test_set, val_fraction=val_fraction, seed=seed)
-        if normal_class is not None:
-            td.normal_class = resolve_normal_class(td.classes, normal_class, "Normal", "sprsound")
-        return td
-    if name == "csv":
-        from .csv_task import load_csv_task
-
-        return load_csv_task(data, normal_class=normal_class, val_fraction=val_fraction, seed=seed)
-    raise ConfigError(f"unknown task {task!r}; use one of: {', '.join(TASKS)}")
-
-
-def _natural_key(text: str) -> tuple:
-    """Sort '9' before '10' (subject ids are often numbers)."""
-    return (0, int(text), "") if text.isdigit() else (1, 0, text)
-
-
-def export_manifest(
-    task_data: TaskData,
-    out_csv: Path | str,
-    *,
-    splits: Sequence[str] = ("train", "val", "test"),
-    recordings: bool = False,
-) -> Path:
-    """Write a task as a CSV manifest (`path,label,subject,split,start,end`) for `--task csv` or pre-training.
-
-    The carved validation split is written back as `train` (loading the CSV carves it again, with
-    the same seed). With `recordings=True` there is one row per audio file (no label, no segment):
-    the input of `m2dx further-pretrain --data`, e.g. the training recordings only.
-    """
-    wanted = {"train" if s == "val" else s for s in splits}
-    rows = []
-    seen: set[str] = set()
-    for it in task_data.items:
-        split = "train" if it.split == "val" else it.split
-        if split not in wanted:
-            continue
-        if recordings:
-            if str(it.path) in seen:
-                continue
-            seen.add(str(it.path))
-            rows.append({"path": str(Path(it.path).resolve()), "subject": it.subject, "split": split})
-        else:
-            rows.append({"path": str(Path(it.path).resolve()), "label": task_data.classes[it.label], "subject": it.subject,
-                         "split": split, "start": it.start, "end": it.end})
-    if not rows:
-        raise DataError(f"no items in split(s) {', '.join(sorted(wanted))} to export")
-    return atomic_write_text(out_csv, pd.DataFrame(rows).to_csv(index=False))
+    """Load a task by name: 'icbhi' (a folder), 'sprsound' (a folder; `test_set` inter/intra/all) or 'csv'."""
+    entry = TASKS.get(task.strip().lower())
+    if entry is None:
+        raise ConfigError(f"unknown task {task!r}; use one of: {', '.join(TASKS)}")
+    options = TaskOptions(normal_class=normal_class, val_fraction=val_fraction, seed=seed, test_set=test_set)
+    return entry.load(Path(data).expanduser(), options)

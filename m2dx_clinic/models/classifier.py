@@ -1,4 +1,4 @@
-"""The fine-tuning model: an M2D encoder, mean over time, one linear head (spec §6).
+"""The fine-tuning model: an M2D encoder, mean over time, one linear head (docs/METHOD.md, "Fine-tuning").
 
 The input is normalised log-mel [B, 1, 80, T] of any length. The encoder turns it into per-frame
 features [B, T', F*D] (chunks of the trained width, or one pass with resized positions), the frames
@@ -60,7 +60,7 @@ class Classifier(nn.Module):
 
     # ----------------------------------------------------------------- training helpers
     def freeze_patch_embed(self) -> None:
-        """Stop training the patch projection (the paper's fine-tuning setting, spec §7)."""
+        """Stop training the patch projection (the paper's fine-tuning setting)."""
         for param in self.encoder.patch_embed.parameters():
             param.requires_grad_(False)
 

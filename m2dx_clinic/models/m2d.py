@@ -1,4 +1,4 @@
-"""M2D and M2D-X pre-training networks (spec §3, §4).
+"""M2D and M2D-X pre-training networks (docs/METHOD.md, "Pre-training").
 
 `M2D` subclasses the encoder so the online encoder's keys stay at the top level of the state dict
 (`blocks.*`, `norm.*`, ...) exactly as in the published checkpoints. Beside it live the predictor

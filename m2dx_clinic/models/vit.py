@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
-DEFAULT_NORM_STATS = (-7.1, 4.2)  # AudioSet log-mel mean/std of the 2022 models (spec §1)
+DEFAULT_NORM_STATS = (-7.1, 4.2)  # AudioSet log-mel mean/std of the 2022 models (docs/METHOD.md)
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
 
 
 def sincos_2d(embed_dim: int, grid_f: int, grid_t: int, cls_token: bool = True) -> torch.Tensor:
-    """Fixed 2-D sin-cos table [1 (+1), F*T', D]: first D/2 dims encode time, last D/2 frequency (spec §2)."""
+    """Fixed 2-D sin-cos table [1 (+1), F*T', D]: first D/2 dims encode time, last D/2 frequency."""
     assert embed_dim % 4 == 0, "embed_dim must be divisible by 4 for 2-D sin-cos positions"
     t_pos, f_pos = torch.meshgrid(torch.arange(grid_t), torch.arange(grid_f), indexing="xy")  # each [F, T']
     emb = torch.cat([sincos_1d(embed_dim // 2, t_pos), sincos_1d(embed_dim // 2, f_pos)], dim=1)  # [F*T', D]
@@ -182,7 +182,7 @@ class AudioViT(nn.Module):
         return (lms - mean) / std
 
     def encode_lms(self, lms: torch.Tensor, adjust_pos: bool = False) -> torch.Tensor:
-        """Normalised log-mel [B, 1, F_mel, T] of any length -> per-frame features [B, T', F*D] (spec §6).
+        """Normalised log-mel [B, 1, F_mel, T] of any length -> per-frame features [B, T', F*D] (docs/METHOD.md, "Using an encoder").
 
         The input is cut into chunks of the trained width; the last chunk is padded to a multiple of
         the patch width; chunks are encoded without masking and concatenated in time. With
@@ -229,7 +229,7 @@ def init_linear_and_norm(module: nn.Module) -> None:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay for biases and 1-D parameters (norms); frozen parameters left out (spec §3)."""
+    """AdamW groups: no decay for biases and 1-D parameters (norms); frozen parameters left out (the M2D optimiser)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:

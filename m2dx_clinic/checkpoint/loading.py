@@ -1,36 +1,30 @@
-"""Checkpoint I/O in the published M2D layout: safe loading, adapting foreign layouts, atomic saving.
+"""Reading checkpoints safely and adapting every accepted layout to the published key names.
 
-Published files are `torch.save({'model', 'optimizer', 'epoch', 'scaler', 'args'})` pickles in a
-folder whose name encodes the geometry (`m2d_vit_base-80x200p16x4-230529/checkpoint-300.pth`).
-We load them with `weights_only=True` and an allow-list of exactly what they need
-(`argparse.Namespace`), so a crafted pickle is refused without running it. What we save uses the
-same keys and folder naming (our own metadata sits under the extra key `m2dx`), so the reference
-loaders read it.
+Published files are `torch.save({'model', 'optimizer', 'epoch', 'scaler', 'args'})` pickles. We
+load them with `weights_only=True` and an allow-list of exactly what they need
+(`argparse.Namespace`), so a crafted pickle is refused without running it. `filter_checkpoint` is
+the one adapter at the edge: the training dict, a bare state dict, a DDP wrapper and the evaluation
+package's fine-tuned prefix all come out with the published encoder keys.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import pickle
 import re
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import to_dict
-from .errors import CheckpointError
-from .fileio import atomic_torch_save  # noqa: F401 - re-exported: callers and tests save checkpoints from here
-from .models.m2d import M2D, PredictorConfig
-from .models.vit import DEFAULT_NORM_STATS, AudioViT, ViTConfig, is_encoder_key
-from .registry import parse_geometry_from_name, resolve_checkpoint
+from ..errors import CheckpointError, one_line
+from ..models.m2d import M2D, PredictorConfig
+from ..models.vit import DEFAULT_NORM_STATS, AudioViT, ViTConfig, is_encoder_key
+from .names import parse_geometry_from_name
 
 SAFE_GLOBALS = [argparse.Namespace]
 EVAR_PREFIX = "module.ar.runtime.backbone."
-META_KEY = "m2dx"
-FORMAT_VERSION = 1
+META_KEY = "m2dx"  # our own metadata, beside the published keys
 _BLOCK_INDEX = re.compile(r"^blocks\.(\d+)\.")
 _DECODER_INDEX = re.compile(r"^decoder_blocks\.(\d+)\.")
 
@@ -60,7 +54,7 @@ def load_checkpoint_file(path: str | Path, *, mmap: bool = False) -> dict[str, A
             f"({detail[:160]}); only load checkpoints from sources you trust"
         ) from None
     except Exception as exc:  # garbage bytes surface as RuntimeError, EOFError, KeyError, ValueError, ...
-        msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        msg = one_line(exc)
         if isinstance(exc, KeyError):  # torch's legacy reader on a non-torch file: a bare magic number
             msg = "unrecognised file format"
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({msg}); re-download or re-save it") from None
@@ -210,16 +204,6 @@ def peek_checkpoint(path: str | Path) -> tuple[int | None, dict[str, Any]]:
     return _epoch_of(raw), meta if isinstance(meta, dict) else {}
 
 
-def open_checkpoint(name_or_path: str | Path, *, download: bool = False) -> LoadedCheckpoint:
-    """Resolve a published name, run folder or file and load it safely."""
-    return LoadedCheckpoint(resolve_checkpoint(str(name_or_path), download=download))
-
-
-def load_encoder(name_or_path: str | Path, *, download: bool = False) -> AudioViT:
-    """A ready encoder (eval mode) from any accepted checkpoint layout."""
-    return open_checkpoint(name_or_path, download=download).encoder()
-
-
 def build_m2d_from(ckpt: LoadedCheckpoint, offline_dim: int | None,
                    predictor: PredictorConfig | None = None) -> tuple[M2D, list[str]]:
     """An M2D(-X) model initialised from a checkpoint: encoder, predictor and target when present.
@@ -254,65 +238,3 @@ def build_m2d_from(ckpt: LoadedCheckpoint, offline_dim: int | None,
     return model, notes
 
 
-# ---------------------------------------------------------------------------- saving
-def model_family_name(config: ViTConfig, offline: bool) -> str:
-    """`m2d_x_vit_base` for ViT-B sized models, `m2d_vit_d192l4` style for others."""
-    prefix = "m2d_x_vit" if offline else "m2d_vit"
-    if (config.embed_dim, config.depth, config.num_heads) == (768, 12, 12):
-        return f"{prefix}_base"
-    return f"{prefix}_d{config.embed_dim}l{config.depth}"
-
-
-def checkpoint_folder_name(config: ViTConfig, offline: bool, date: _dt.date | None = None, tag: str = "") -> str:
-    """The published convention `<model>-<F>x<T>p<pf>x<pt>p16k-<yymmdd>[-<tag>]` that reference loaders parse."""
-    date = date or _dt.date.today()
-    (f, t), (pf, pt) = config.input_size, config.patch_size
-    rate = f"p{config.sample_rate // 1000}k"
-    name = f"{model_family_name(config, offline)}-{f}x{t}p{pf}x{pt}{rate}-{date:%y%m%d}"
-    if tag:
-        name += "-" + re.sub(r"[^A-Za-z0-9_.]+", "_", tag)
-    return name
-
-
-def to_namespace(values: dict[str, Any]) -> argparse.Namespace:
-    """Flatten a recipe dict into an argparse.Namespace of plain values, as the published `args`."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}_{k}" if prefix else k, v)
-        elif isinstance(value, (str, int, float, bool)) or value is None:
-            flat[prefix] = value
-        elif isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float, bool)) for v in value):
-            flat[prefix] = list(value)
-        else:
-            flat[prefix] = str(value)
-
-    walk("", values)
-    return argparse.Namespace(**flat)
-
-
-def training_checkpoint(
-    model: M2D, *, epoch: int, optimizer: dict | None, scaler: dict | None, args: dict[str, Any],
-    meta: dict[str, Any],
-) -> dict[str, Any]:
-    """The published training-checkpoint dict plus our metadata under `m2dx`."""
-    meta = dict(meta)
-    meta.setdefault("format_version", FORMAT_VERSION)
-    meta["vit_config"] = to_dict(model.config)
-    meta["predictor_config"] = asdict(model.predictor_config)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return {"model": state, "optimizer": optimizer, "epoch": int(epoch), "scaler": scaler,
-            "args": to_namespace(args), META_KEY: meta}
-
-
-def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
-    """(epoch, path) of every `checkpoint-<epoch>.pth` under `folder` (searched one level down too), sorted."""
-    folder = Path(folder)
-    found = []
-    for path in [*folder.glob("checkpoint-*.pth"), *folder.glob("*/checkpoint-*.pth")]:
-        m = re.fullmatch(r"checkpoint-(\d+)\.pth", path.name)
-        if m:
-            found.append((int(m.group(1)), path))
-    return sorted(found)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from m2dx_clinic import checkpoint as ckpt_io
-from m2dx_clinic.reporting import (
+from m2dx_clinic.report import (
     build_report,
     cosine_drift,
     epoch_end_rows,
@@ -115,7 +115,8 @@ def tiny_run(tmp_path_factory) -> dict[str, Path]:
     """A 2-epoch tiny_cpu run on demo ICBHI data (trained once per session)."""
     from m2dx_clinic.config import load_recipe
     from m2dx_clinic.demo_data import demo_noise_dir, make_demo_icbhi
-    from m2dx_clinic.pretrain import PretrainRecipe, start_run
+    from m2dx_clinic.pretrain import start_run
+    from m2dx_clinic.recipes import PretrainRecipe
 
     tmp = tmp_path_factory.mktemp("report_run")
     make_demo_icbhi(tmp / "data", num_patients=6, recordings_per_patient=1, seconds=8)
@@ -241,7 +242,7 @@ def test_background_reporter_never_blocks_and_coalesces(monkeypatch, tmp_path):
     import threading
     import time as _time
 
-    from m2dx_clinic import reporting
+    from m2dx_clinic.report import build as reporting
 
     started, release, calls = threading.Event(), threading.Event(), []
 

@@ -11,19 +11,20 @@ import pytest
 import torch
 
 from m2dx_clinic.audio import LOG_EPS, FrontEndConfig, list_audio_files
-from m2dx_clinic.data import pretrain_data as pd_
-from m2dx_clinic.data.pretrain_data import (
-    AudioSegment,
+from m2dx_clinic.data import logmel_cache as pd_
+from m2dx_clinic.data.crops import (
     CropDataset,
     KeyedSampler,
-    LogMelCache,
     NoiseCropDataset,
     PretrainItems,
     compute_norm_stats,
-    list_training_audio,
     mix_in_log_domain,
     normalize,
 )
+from m2dx_clinic.data.logmel_cache import LogMelCache
+from m2dx_clinic.data.segments import Segment
+from m2dx_clinic.data.segments import list_segments
+from m2dx_clinic.data.segments import read_manifest
 from m2dx_clinic.errors import ConfigError, DataError
 
 
@@ -39,14 +40,14 @@ def test_list_folder_recursive(wav_writer, tmp_path):
     wav_writer("a.wav", _tone(0.5))
     wav_writer("sub/b.wav", _tone(0.5))
     (tmp_path / "notes.txt").write_text("x")
-    segs = list_training_audio(tmp_path)
+    segs = list_segments(tmp_path)
     assert [s.path.name for s in segs] == ["a.wav", "b.wav"]
     assert all(s.start is None and s.end is None for s in segs)
 
 
 def test_list_empty_folder(tmp_path):
     with pytest.raises(DataError, match=str(tmp_path)):
-        list_training_audio(tmp_path)
+        list_segments(tmp_path)
 
 
 def test_list_csv_manifest(wav_writer, tmp_path):
@@ -55,28 +56,30 @@ def test_list_csv_manifest(wav_writer, tmp_path):
     manifest = tmp_path / "lists" / "train.csv"
     manifest.parent.mkdir()
     manifest.write_text(f"path,subject,label,start,end\n../audio/a.wav,p1,crackle,0.1,0.6\n{absolute},p2,,,\n")
-    segs = list_training_audio(manifest)
-    assert segs[0] == AudioSegment(tmp_path / "lists" / "../audio/a.wav", 0.1, 0.6, "crackle", "p1")
+    segs = list_segments(manifest)
+    classes = read_manifest(manifest).classes
+    first, second = ((s.path, s.start, s.end, None if s.label is None else classes[s.label], s.subject) for s in segs)
+    assert first == (tmp_path / "lists" / "../audio/a.wav", 0.1, 0.6, "crackle", "p1")
     assert segs[0].path.is_file()
-    assert segs[1] == AudioSegment(absolute, None, None, None, "p2")
+    assert second == (absolute, None, None, None, "p2")
 
 
 def test_list_csv_errors(wav_writer, tmp_path):
     wav_writer("a.wav", _tone(0.5))
     no_col = tmp_path / "nocol.csv"
     no_col.write_text("file,label\na.wav,x\n")
-    with pytest.raises(DataError, match="no 'path' column"):
-        list_training_audio(no_col)
+    with pytest.raises(DataError, match="missing column 'path'"):
+        list_segments(no_col)
     missing = tmp_path / "missing.csv"
     missing.write_text("path\na.wav\ngone1.wav\ngone2.wav\n")
-    with pytest.raises(DataError, match=r"2 listed file\(s\) do not exist.*gone1.wav.*gone2.wav"):
-        list_training_audio(missing)
+    with pytest.raises(DataError, match=r"2 audio file\(s\) not found.*gone1.wav.*gone2.wav"):
+        list_segments(missing)
     bad_time = tmp_path / "badtime.csv"
     bad_time.write_text("path,start\na.wav,soon\n")
     with pytest.raises(DataError, match="line 2"):
-        list_training_audio(bad_time)
+        list_segments(bad_time)
     with pytest.raises(DataError, match="not found"):
-        list_training_audio(tmp_path / "nope")
+        list_segments(tmp_path / "nope")
 
 
 # -- cache ---------------------------------------------------------------------------------
@@ -85,7 +88,7 @@ def test_list_csv_errors(wav_writer, tmp_path):
 def test_cache_builds_once_and_matches_frontend(wav_writer, tmp_path):
     a = wav_writer("data/a.wav", _tone(1.0))
     b = wav_writer("data/b.wav", _tone(0.7, 880.0))
-    segs = [AudioSegment(a), AudioSegment(b), AudioSegment(a, 0.2, 0.5)]
+    segs = [Segment(a), Segment(b), Segment(a, 0.2, 0.5)]
     cache = LogMelCache(tmp_path / "cache", FrontEndConfig())
     arrays, bad = cache.build(segs, workers=1, progress=False)
     assert bad == [] and cache.last_stats["computed"] == 3
@@ -104,11 +107,11 @@ def test_cache_builds_once_and_matches_frontend(wav_writer, tmp_path):
 def test_cache_second_build_computes_nothing(wav_writer, tmp_path, monkeypatch):
     a = wav_writer("a.wav", _tone(0.5))
     cache = LogMelCache(tmp_path / "cache", FrontEndConfig())
-    cache.build([AudioSegment(a)], workers=1, progress=False)
+    cache.build([Segment(a)], workers=1, progress=False)
     calls = []
     monkeypatch.setattr(pd_, "_compute_entry", lambda args: calls.append(args))
-    monkeypatch.setattr(pd_, "file_sha256", lambda p: calls.append(p))
-    arrays, _ = cache.build([AudioSegment(a)], workers=1, progress=False)
+    monkeypatch.setattr(pd_, "sha256_file", lambda p: calls.append(p))
+    arrays, _ = cache.build([Segment(a)], workers=1, progress=False)
     assert calls == [] and cache.last_stats == {"segments": 1, "computed": 0, "cached": 1, "bad": 0}
     assert arrays[0].shape[0] == 80
 
@@ -116,18 +119,18 @@ def test_cache_second_build_computes_nothing(wav_writer, tmp_path, monkeypatch):
 def test_cache_key_survives_rename_and_edit_invalidates(wav_writer, tmp_path):
     a = wav_writer("a.wav", _tone(0.5))
     cache = LogMelCache(tmp_path / "cache", FrontEndConfig())
-    cache.build([AudioSegment(a)], workers=1, progress=False)
+    cache.build([Segment(a)], workers=1, progress=False)
     moved = tmp_path / "elsewhere" / "renamed.wav"
     moved.parent.mkdir()
     os.replace(a, moved)
-    cache.build([AudioSegment(moved)], workers=1, progress=False)
+    cache.build([Segment(moved)], workers=1, progress=False)
     assert cache.last_stats["computed"] == 0 and cache.last_stats["cached"] == 1
     wav_writer("elsewhere/renamed.wav", _tone(0.5, 300.0))  # same name, new content
-    cache.build([AudioSegment(moved)], workers=1, progress=False)
+    cache.build([Segment(moved)], workers=1, progress=False)
     assert cache.last_stats["computed"] == 1
     # Another front-end is another key.
     other = LogMelCache(tmp_path / "cache", FrontEndConfig(n_mels=64))
-    arrays, _ = other.build([AudioSegment(moved)], workers=1, progress=False)
+    arrays, _ = other.build([Segment(moved)], workers=1, progress=False)
     assert other.last_stats["computed"] == 1 and arrays[0].shape[0] == 64
 
 
@@ -137,7 +140,7 @@ def test_cache_reports_all_bad_files_together(wav_writer, tmp_path):
     tiny = wav_writer("tiny.wav", _tone(0.01))  # 160 samples < one 400-sample window
     broken = tmp_path / "broken.wav"
     broken.write_bytes(b"not audio at all")
-    segs = [AudioSegment(p) for p in (good, silent, tiny, broken)] + [AudioSegment(good, 0.4999, 0.5)]
+    segs = [Segment(p) for p in (good, silent, tiny, broken)] + [Segment(good, 0.4999, 0.5)]
     cache = LogMelCache(tmp_path / "cache", FrontEndConfig())
     with pytest.raises(DataError) as info:
         cache.build(segs, workers=1, progress=False)
@@ -153,7 +156,7 @@ def test_cache_reports_all_bad_files_together(wav_writer, tmp_path):
 
 
 def test_cache_lists_first_ten_and_count(tmp_path):
-    segs = [AudioSegment(tmp_path / f"missing{i:02d}.wav") for i in range(13)]
+    segs = [Segment(tmp_path / f"missing{i:02d}.wav") for i in range(13)]
     with pytest.raises(DataError, match=r"13 of 13 .*missing09.wav.*and 3 more; fix or remove them") as info:
         LogMelCache(tmp_path / "cache").build(segs, workers=1, progress=False)
     assert "missing10.wav" not in str(info.value)
@@ -162,9 +165,9 @@ def test_cache_lists_first_ten_and_count(tmp_path):
 def test_cache_parallel_workers(wav_writer, tmp_path):
     paths = [wav_writer(f"w{i}.wav", _tone(0.3, 200.0 + 100 * i)) for i in range(4)]
     cache = LogMelCache(tmp_path / "cache", FrontEndConfig())
-    parallel, _ = cache.build([AudioSegment(p) for p in paths], workers=2, progress=False)
+    parallel, _ = cache.build([Segment(p) for p in paths], workers=2, progress=False)
     assert cache.last_stats["computed"] == 4
-    serial, _ = LogMelCache(tmp_path / "other", FrontEndConfig()).build([AudioSegment(p) for p in paths], workers=1, progress=False)
+    serial, _ = LogMelCache(tmp_path / "other", FrontEndConfig()).build([Segment(p) for p in paths], workers=1, progress=False)
     for x, y in zip(parallel, serial):
         np.testing.assert_array_equal(x, y)
 
@@ -387,7 +390,7 @@ def test_mix_matches_formula_and_limits():
 def test_real_noise_clips_cache_and_cycle(noise_dir: Path, tmp_path):
     files = list_audio_files(noise_dir / "esc10")[:4]
     cache = LogMelCache(tmp_path / "cache", FrontEndConfig())
-    arrays, bad = cache.build([AudioSegment(p) for p in files], workers=1, progress=False)
+    arrays, bad = cache.build([Segment(p) for p in files], workers=1, progress=False)
     assert bad == [] and all(a.shape[0] == 80 and a.shape[1] > 400 for a in arrays)
     noise = NoiseCropDataset(arrays, crop_frames=200, num_stat_samples=200)
     assert -16.0 < noise.mean < 5.0

@@ -7,23 +7,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from m2dx_clinic.data.tasks import (
-    LabelledItem,
-    TaskData,
-    carve_validation,
-    check_leakage,
-    load_task,
-)
+from m2dx_clinic.data.segments import Segment
+from m2dx_clinic.data.task_data import TaskData, carve_validation, check_leakage
+from m2dx_clinic.data.tasks import load_task
 from m2dx_clinic.errors import ConfigError, DataError
 
 
-def make_items(train_subjects: int, per_subject: int = 4, test_subjects=("t1", "t2")) -> list[LabelledItem]:
+def make_items(train_subjects: int, per_subject: int = 4, test_subjects=("t1", "t2")) -> list[Segment]:
     items = []
     for s in range(train_subjects):
         for k in range(per_subject):
-            items.append(LabelledItem(f"s{s}#{k}", Path(f"s{s}.wav"), k % 2, f"s{s}", "train"))
+            items.append(Segment(Path(f"s{s}.wav"), label=k % 2, subject=f"s{s}", split="train", item_id=f"s{s}#{k}"))
     for s in test_subjects:
-        items.append(LabelledItem(f"{s}#0", Path(f"{s}.wav"), 0, s, "test"))
+        items.append(Segment(Path(f"{s}.wav"), label=0, subject=s, split="test", item_id=f"{s}#0"))
     return items
 
 
@@ -67,18 +63,18 @@ def test_carve_needs_two_training_subjects():
 
 def test_existing_val_split_is_kept():
     items = make_items(3)
-    items[0] = LabelledItem("x", Path("x.wav"), 0, "v", "val")
+    items[0] = Segment(Path("x.wav"), label=0, subject="v", split="val", item_id="x")
     carved, _ = carve_validation(items, val_fraction=0.5)
     assert carved == items
 
 
 def test_leakage_official_warns_other_errors():
     items = [
-        LabelledItem("a", Path("a.wav"), 0, "156", "train"),
-        LabelledItem("b", Path("b.wav"), 0, "156", "test"),
-        LabelledItem("c", Path("c.wav"), 1, "218", "train"),
-        LabelledItem("d", Path("d.wav"), 1, "218", "test"),
-        LabelledItem("e", Path("e.wav"), 1, "101", "test"),
+        Segment(Path("a.wav"), label=0, subject="156", split="train", item_id="a"),
+        Segment(Path("b.wav"), label=0, subject="156", split="test", item_id="b"),
+        Segment(Path("c.wav"), label=1, subject="218", split="train", item_id="c"),
+        Segment(Path("d.wav"), label=1, subject="218", split="test", item_id="d"),
+        Segment(Path("e.wav"), label=1, subject="101", split="test", item_id="e"),
     ]
     warnings = check_leakage(items, official=True)
     assert len(warnings) == 1 and "156 (train/test)" in warnings[0] and "218" in warnings[0]
@@ -101,7 +97,7 @@ def test_taskdata_helpers():
     with pytest.raises(ValueError):
         td.split("dev")
     with pytest.raises(ValueError):
-        LabelledItem("x", Path("x.wav"), 0, "s", "dev")
+        Segment(Path("x.wav"), label=0, subject="s", split="dev", item_id="x")
 
 
 def test_load_task_dispatch_and_errors(tmp_path, wav_writer):

@@ -13,20 +13,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from m2dx_clinic.download import (
-    check_zip,
-    download_file,
-    extract_zip,
-    is_completed,
-    join_multipart_zip,
-    mark_completed,
-)
-from m2dx_clinic.errors import DataError, DownloadError
+from ..errors import DataError, DownloadError
+from ..fetch import check_zip, download_file, extract_zip, is_completed, join_multipart_zip, mark_completed
 
 __all__ = [
     "DATASETS",
     "DatasetSpec",
     "RemoteFile",
+    "cache_root",
     "data_root",
     "dataset_path",
     "download_dataset",
@@ -105,6 +99,17 @@ def data_root(explicit: Path | None = None) -> Path:
     if env:
         return Path(env).expanduser()
     return Path.home() / ".cache" / "m2dx" / "data"
+
+
+def cache_root(cache_dir: str | Path | None = None, root: str | Path | None = None) -> Path:
+    """Where decoded log-mels are cached: `cache_dir` when given, else `<data root>/cache`.
+
+    Pre-training caches whole recordings under `lms/`, fine-tuning its fixed-length segments under
+    `cycles/`; both share this root so one `m2dx cache info` / `clean` covers them.
+    """
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    return data_root(Path(root) if root else None) / "cache"
 
 
 def _spec(name: str) -> DatasetSpec:

@@ -17,7 +17,8 @@ from rich.table import Table
 
 from ..audio import audio_info
 from ..errors import AudioError
-from .tasks import SPLITS, TaskData
+from .segments import SPLITS
+from .task_data import TaskData
 
 
 def _durations(values: list[float]) -> dict[str, float | int]:

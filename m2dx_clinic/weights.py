@@ -1,63 +1,37 @@
-"""The published M2D weights as data, their download, and `resolve_checkpoint(name_or_path)`.
+"""Where weights come from: the published M2D table, the download cache, and names resolved to files.
 
 Users start from a published checkpoint; naming it (`m2d_vit_base-80x200p16x4-230529`) should be
 as good as giving a path. The table is plain data so the CLI can list it and tests can check it;
 the geometry of each entry is parsed from its name, exactly as the reference loaders do.
+`open_checkpoint` / `load_encoder` take a published name, a folder or a file, so every command
+accepts all three.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from m2dx_clinic.download import check_zip, download_file, extract_zip, is_completed, mark_completed
-from m2dx_clinic.errors import CheckpointError, ConfigError, DownloadError
+from .checkpoint import LoadedCheckpoint, latest_checkpoint, parse_geometry_from_name
+from .errors import CheckpointError, ConfigError, DownloadError
+from .fetch import check_zip, download_file, extract_zip, is_completed, mark_completed
+from .models.vit import AudioViT
 
 GITHUB_RELEASES = "https://github.com/nttcslab/m2d/releases/download"
 
 __all__ = [
     "PUBLISHED_WEIGHTS",
     "PublishedWeights",
-    "checkpoint_epoch",
     "download_weights",
     "get_published",
-    "latest_checkpoint",
-    "parse_geometry_from_name",
+    "load_encoder",
+    "open_checkpoint",
     "resolve_checkpoint",
     "weights_cache_dir",
 ]
-
-# `<model>-<F>x<T>p<pf>x<pt>[p16k|p32k]-<yymmdd>[-<tags>]`: the geometry segment sits between dashes.
-_GEOMETRY = re.compile(r"(?:^|-)(\d+)x(\d+)p(\d+)x(\d+)(?:p(\d+)k)?(?=-|$)")
-_RATE_FROM_KHZ = {8: 8000, 16: 16000, 22: 22050, 24: 24000, 32: 32000, 44: 44100, 48: 48000}
-_CHECKPOINT = re.compile(r"checkpoint-(\d+)\.pth")
-
-
-def parse_geometry_from_name(
-    name: str | Path,
-) -> tuple[tuple[int, int], tuple[int, int], int] | None:
-    """((F, T), (pf, pt), sample_rate) encoded in a weights folder name, or None if it has none.
-
-    Accepts a bare name, a folder or a checkpoint path (the parent folder is tried too), because
-    the reference loaders read the geometry from the folder holding `checkpoint-*.pth`.
-    """
-    path = Path(name)
-    for candidate in (path.name, path.parent.name):
-        if not candidate:
-            continue
-        if candidate.endswith(".zip"):
-            candidate = candidate[: -len(".zip")]
-        m = _GEOMETRY.search(candidate)
-        if m:
-            f, t, pf, pt = (int(m.group(i)) for i in range(1, 5))
-            khz = int(m.group(5)) if m.group(5) else 16
-            rate = _RATE_FROM_KHZ.get(khz, khz * 1000)
-            return (f, t), (pf, pt), rate
-    return None
 
 
 @dataclass(frozen=True)
@@ -186,25 +160,6 @@ def get_published(name: str) -> PublishedWeights:
     )
 
 
-def checkpoint_epoch(path: Path) -> int | None:
-    """Epoch number of a `checkpoint-<epoch>.pth` file, None for other names."""
-    m = _CHECKPOINT.fullmatch(Path(path).name)
-    return int(m.group(1)) if m else None
-
-
-def latest_checkpoint(folder: Path) -> Path:
-    """The highest-epoch `checkpoint-*.pth` in `folder` (the one the reference code evaluates)."""
-    folder = Path(folder)
-    numbered = [(checkpoint_epoch(p), p) for p in folder.glob("checkpoint-*.pth") if p.is_file()]
-    numbered = [(e, p) for e, p in numbered if e is not None]
-    if not numbered:
-        raise CheckpointError(
-            f"{folder}: no checkpoint-<epoch>.pth file in this folder; pass a .pth file or a "
-            "folder that holds checkpoints"
-        )
-    return max(numbered, key=lambda item: item[0])[1]
-
-
 def _weights_base_url(base_url: str | None) -> str | None:
     base = base_url or os.environ.get("M2DX_WEIGHTS_BASE_URL") or None
     return base.rstrip("/") if base else None
@@ -322,3 +277,13 @@ def resolve_checkpoint(
         f"{name_or_path}: no such checkpoint file or folder, and not a published weights name."
         f"{hint} See `m2dx weights list`."
     )
+
+
+def open_checkpoint(name_or_path: str | Path, *, download: bool = False) -> LoadedCheckpoint:
+    """Resolve a published name, checkpoint folder or file and load it safely."""
+    return LoadedCheckpoint(resolve_checkpoint(str(name_or_path), download=download))
+
+
+def load_encoder(name_or_path: str | Path, *, download: bool = False) -> AudioViT:
+    """A ready encoder (eval mode) from any accepted checkpoint layout."""
+    return open_checkpoint(name_or_path, download=download).encoder()

@@ -8,7 +8,6 @@ known and only then renames into place. Extraction refuses unsafe member names a
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import re
@@ -22,7 +21,8 @@ import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 
-from m2dx_clinic.errors import DownloadError
+from .errors import DownloadError
+from .fileio import sha256_file
 
 COMPLETED_MARKER = ".completed"
 USER_AGENT = "m2dx_clinic-downloader/0.1"
@@ -34,7 +34,6 @@ __all__ = [
     "COMPLETED_MARKER",
     "download_file",
     "extract_zip",
-    "file_sha256",
     "is_completed",
     "join_multipart_zip",
     "mark_completed",
@@ -51,15 +50,6 @@ def part_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".part")
 
 
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks so multi-GB archives do not fill memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _verify(path: Path, expected_size: int | None, sha256: str | None) -> str | None:
     """Return a problem description, or None when the file matches what was expected."""
     if expected_size is not None:
@@ -67,7 +57,7 @@ def _verify(path: Path, expected_size: int | None, sha256: str | None) -> str | 
         if size != expected_size:
             return f"size is {size} bytes, expected {expected_size}"
     if sha256 is not None:
-        actual = file_sha256(path)
+        actual = sha256_file(path)
         if actual.lower() != sha256.strip().lower():
             return f"sha256 is {actual}, expected {sha256.strip().lower()}"
     return None

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from m2dx_clinic import registry
-from m2dx_clinic.download import is_completed
+from m2dx_clinic import weights as registry
+from m2dx_clinic.checkpoint import parse_geometry_from_name
+from m2dx_clinic.fetch import is_completed
 from m2dx_clinic.errors import CheckpointError, ConfigError, DownloadError
-from m2dx_clinic.registry import (
+from m2dx_clinic.weights import (
     PUBLISHED_WEIGHTS,
     download_weights,
     get_published,
-    parse_geometry_from_name,
     resolve_checkpoint,
 )
 from local_http import LocalServer

@@ -1,0 +1,98 @@
+"""The linear probe: a cheap, label-aware check of which checkpoint's features separate the classes best.
+
+StandardScaler + balanced logistic regression on mean-pooled clip embeddings of the task's training
+split, scored on its subject-disjoint validation split (never the test split: the probe picks a
+checkpoint, so the test split must stay unseen). Minutes instead of a fine-tune per checkpoint.
+The cycles are the fine-tuning loop's own cached fixed-length segments (`data.segment_cache`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..audio import FrontEndConfig
+from ..data.segment_cache import prepare_segments, readable_rows
+from ..errors import DataError
+from ..metrics import icbhi_scores
+from ..models.vit import AudioViT
+from .health import clip_embeddings
+
+
+class ProbeSet:
+    """The task's train + val cycles as raw log-mel, prepared once per report and shared by all checkpoints.
+
+    Test items are never read. Items whose audio cannot be read are skipped and listed in `skipped`.
+    `cache_dir` is the fine-tuning segment cache, so cycles a fine-tune already decoded are reused.
+    """
+
+    def __init__(self, task_data: Any, *, cycle_seconds: float = 8.0, pad: str = "circular",
+                 cache_dir: Path | None = None, progress: bool = False):
+        self.task_data = task_data
+        self.cycle_seconds = cycle_seconds
+        self.pad = pad
+        self.cache_dir = cache_dir
+        self.progress = progress
+        self.skipped: list[str] = []
+        self._by_frontend: dict[FrontEndConfig, tuple[torch.Tensor, np.ndarray, np.ndarray]] = {}
+
+    def arrays(self, frontend: FrontEndConfig) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """(lms float32 [N, n_mels, frames], labels [N], is_train [N]) of the readable train/val cycles."""
+        if frontend in self._by_frontend:
+            return self._by_frontend[frontend]
+        items = [it for it in self.task_data.items if it.split in ("train", "val")]
+        self.skipped = []
+        # No live bar unless asked: the report may run inside the training loop's own live display.
+        lms = prepare_segments(items, frontend=frontend, length_s=self.cycle_seconds, pad=self.pad,
+                               cache_dir=self.cache_dir, progress=self.progress, description="probe: reading cycles",
+                               problems=self.skipped)
+        keep = readable_rows(lms)
+        if not bool(keep.any()):
+            raise DataError("no train/val cycle of the task could be read; the probe needs labelled audio")
+        labels = np.asarray([int(it.label) for it in items], dtype=int)[keep.numpy()]
+        is_train = np.asarray([it.split == "train" for it in items], dtype=bool)[keep.numpy()]
+        result = (lms[keep], labels, is_train)
+        self._by_frontend[frontend] = result
+        return result
+
+
+def probe_scores(
+    encoder: AudioViT,
+    task_data: Any,
+    *,
+    probe_set: ProbeSet | None = None,
+    norm_stats: Sequence[float] | None = None,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Linear-probe Sp / Se / Score / accuracy on the subject-disjoint validation split.
+
+    StandardScaler + LogisticRegression(class_weight='balanced') on mean-pooled clip embeddings of
+    the training split: a cheap, label-aware check of which checkpoint's features separate the
+    classes best, minutes instead of a fine-tune per checkpoint. Raises DataError when the split
+    cannot support a probe (no validation items, fewer than two training classes).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    probe_set = probe_set or ProbeSet(task_data)
+    frontend = FrontEndConfig.for_sample_rate(encoder.config.sample_rate)
+    lms, labels, is_train = probe_set.arrays(frontend)
+    if not is_train.any() or is_train.all():
+        raise DataError("the probe needs items in both the train and the validation split of the task")
+    if len(np.unique(labels[is_train])) < 2:
+        raise DataError("the training split has a single class; a linear probe needs at least two")
+    emb = clip_embeddings(encoder, lms, norm_stats=norm_stats, device=device)
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, class_weight="balanced", random_state=seed))
+    model.fit(emb[is_train], labels[is_train])
+    pred = model.predict(emb[~is_train])
+    scores = icbhi_scores(labels[~is_train], pred, normal_class=int(task_data.normal_class),
+                          num_classes=len(task_data.classes))
+    return {"sp": scores["sp"], "se": scores["se"], "score": scores["score"], "accuracy": scores["accuracy"],
+            "n_train": int(is_train.sum()), "n_val": int((~is_train).sum())}
+
+

@@ -1,0 +1,178 @@
+"""Where and how a loop runs: device, mixed precision, distributed ranks, seeds and random state.
+
+Every training, tuning and reporting entry point asks this module the same questions (which device,
+which autocast dtype, which rank am I, how do I seed this stream) so the answers never drift apart
+between commands. Nothing here knows about models or data.
+
+Seed streams. A run has one user seed; each independent random stream derives its own seed from it
+with `stream_seed(seed, name, rank)`. The numbers below are the ones every run so far was trained
+with, kept so that old runs resume exactly; they are spread out (a prime stride per rank) so that
+rank r of seed s never replays rank 0 of a nearby seed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .errors import ConfigError, M2DXError
+
+RANK_STRIDE = 7919  # a prime: per-rank streams of seed s stay apart from those of s+1, s+2, ...
+STREAM_OFFSETS = {
+    "model": 0,  # initial weights (identical on every rank: rank is ignored)
+    "masks": 0,  # the global RNG of the loop after set-up: masking in pre-training
+    "noise": 17,  # background-noise cycle and crops
+    "noise_stats": 17,  # the sample that gives the noise set's mean (identical on every rank)
+}
+SUBSET_SEED = 12345  # fixed subset of a split for smoke runs (data.max_items_per_split): same for every seed
+
+
+class TrainingDiverged(M2DXError):
+    """The loss became NaN/Inf; the last good checkpoint is kept."""
+
+
+def stream_seed(seed: int, stream: str, rank: int = 0) -> int:
+    """The seed of one named random stream of a run (see the module docstring)."""
+    if stream not in STREAM_OFFSETS:
+        raise KeyError(f"unknown seed stream {stream!r}; known: {', '.join(STREAM_OFFSETS)}")
+    shared = stream in ("model", "noise_stats")
+    return int(seed) + STREAM_OFFSETS[stream] + (0 if shared else RANK_STRIDE * int(rank))
+
+
+def epoch_shuffle_seed(seed: int, epoch: int) -> int:
+    """Seed of the single-process shuffle of one epoch: the order depends only on (seed, epoch)."""
+    return int(seed) * 100003 + int(epoch) * 1009
+
+
+# ---------------------------------------------------------------------------- distributed
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_choice: str) -> Distributed:
+    """Join the torchrun process group when launched with WORLD_SIZE > 1 (gloo on CPU, NCCL on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_choice in ("auto", "cuda")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local)
+    return Distributed(rank, world, local)
+
+
+# ---------------------------------------------------------------------------- device and precision
+def pick_device(choice: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
+    """`auto` (or None) = CUDA when present, else CPU; an explicit `cuda` without a GPU is a ConfigError."""
+    choice = "auto" if choice is None else str(choice)
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        return torch.device("cuda", local_rank) if choice == "cuda" else torch.device(choice)
+    try:
+        return torch.device(choice)
+    except RuntimeError:
+        raise ConfigError(f"--device {choice!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """True where oneDNN runs bf16 matrix products natively (AVX512-BF16 or AMX), ~2x fp32 speed."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def pick_amp(choice: str, device: torch.device) -> torch.dtype | None:
+    """auto: bf16 where supported, fp16 (with a grad scaler) on older GPUs, fp32 on CPU.
+
+    On a CPU, an explicit `bf16` is honoured when the CPU has bf16 matrix units (1.6x faster for
+    ViT-B here, see BENCHMARKS.md); fp16 is never used on a CPU.
+    """
+    if device.type != "cuda":
+        if choice == "bf16" and cpu_has_bf16_matmul():
+            return torch.bfloat16
+        if choice in ("bf16", "fp16"):
+            from .progress import console
+
+            console.print(f"[yellow]amp={choice} ignored on this {device.type}; training in fp32[/]")
+        return None
+    if choice == "off":
+        return None
+    if choice == "fp16":
+        return torch.float16
+    if choice == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype | None):
+    """`torch.autocast` for `dtype`, or a no-op context for fp32 (dtype None)."""
+    from contextlib import nullcontext
+
+    device_type = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    return torch.autocast(device_type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def use_deterministic_kernels(enabled: bool) -> None:
+    """Ask PyTorch for deterministic kernels (slower on GPUs; CPU training is deterministic without it)."""
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
+# ---------------------------------------------------------------------------- random state
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators (CPU and every GPU)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's global random state as tensors and plain values (loadable with weights_only)."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(int(x) for x in state["python"]), None))
+    keys = state["numpy"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,531 @@
+"""Running a search: the Optuna study, its storage, the objective, and what a finished search writes.
+
+Trials are selected on the validation split ONLY. Tuning on the test split would turn the test score
+into a training signal and inflate the reported number, so this is enforced three times: the space
+may not touch `run.*` (`tuning.space`), the resolved recipe must have `run.selection = "val"` before
+the study starts, and every trial calls `finetune(score_test=False)` and checks that no test metric
+came back. The test split is scored once, after the search, with the best parameters.
+
+The study lives in an RDB storage (SQLite file in the run folder by default) with heartbeats, so a
+killed run is resumed by re-running the same command, and several machines share one study
+through a server URL (README, "Tuning on several machines").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import re
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from ..config import dump_toml, load_recipe, to_overrides
+from ..data.task_data import TaskData
+from ..data.tasks import load_task
+from ..errors import ConfigError, M2DXError, one_line
+from ..fileio import atomic_savefig, atomic_write_csv, atomic_write_json, atomic_write_text
+from ..finetune import FinetuneRecipe, FinetuneResult, finetune
+from ..metrics import aggregate_runs
+from ..progress import console, environment_facts, make_progress
+from ..recipes import TuneSettings
+from ..rundir import fresh_dir
+from .space import Param, assert_validation_only, load_search_space, params_to_tables, parse_duration, suggest
+
+PRUNERS = ("auto", "median", "hyperband", "wilcoxon", "none")
+
+
+@dataclass
+class TuneJob:
+    """One search, resolved and checked before any compute: what to tune, on what, where, how."""
+
+    settings: TuneSettings
+    params: list[Param]
+    tune_recipe: str
+    task: str
+    data: Path
+    checkpoint: str | Path
+    normal_class: str | None
+    overrides: list[str]
+    base: FinetuneRecipe  # the recipe every trial starts from
+    task_data: TaskData
+    out_dir: Path
+    study_name: str
+    storage: str | None  # None = the default one-worker SQLite file in out_dir
+    target: int
+    timeout: float | None
+    repeats: int
+    pruner: optuna.pruners.BasePruner
+    final_test: bool
+    progress: bool
+
+
+class _Objective:
+    """The Optuna objective: fine-tune on train, score on validation, never on test.
+
+    Seeds run one by one so the Wilcoxon pruner can stop a trial after a few seeds that are already
+    significantly worse than the best; per-epoch pruners watch the first seed's validation curve.
+    """
+
+    def __init__(self, job: "TuneJob", *, per_epoch: bool, on_epoch=None):
+        self.job, self.per_epoch, self.on_epoch = job, per_epoch, on_epoch
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        try:
+            return self._run(trial)
+        except optuna.TrialPruned:
+            raise
+        except Exception as exc:
+            # Optuna keeps the state (FAIL) but not the reason; store it for trials.csv and summaries.
+            trial.set_user_attr("error", one_line(exc, limit=500, with_type=True))
+            raise
+
+    def _run(self, trial: optuna.Trial) -> float:
+        job = self.job
+        suggested = suggest(trial, job.params)
+        trial_dir = fresh_dir(job.out_dir / "trials" / f"trial_{trial.number:04d}")
+        trial.set_user_attr("trial_dir", str(trial_dir))
+        metric = job.settings.metric
+        scores: list[float] = []
+        for i in range(job.repeats):
+            run_dir = trial_dir if job.repeats == 1 else trial_dir / f"seed_{i}"
+            recipe = load_recipe(FinetuneRecipe, job.settings.finetune_recipe, [
+                *job.overrides, *suggested,
+                *to_overrides({"run.out": str(run_dir), "run.repeats": 1, "run.seed": job.base.run.seed + i})])
+            assert_validation_only(recipe, f"trial {trial.number}")
+            report_epochs = self.per_epoch and i == 0
+
+            def callback(epoch: int, val: dict[str, Any], _report: bool = report_epochs) -> None:
+                value = float(val[metric])
+                if self.on_epoch is not None:
+                    self.on_epoch(trial.number, i, epoch, value)
+                if _report:
+                    trial.report(value, int(epoch))
+                    if trial.should_prune():
+                        raise optuna.TrialPruned(f"pruned at epoch {epoch} ({metric} {value:.4f})")
+
+            score_test = False  # the one place trials call finetune: the test split stays unseen
+            result = finetune(recipe, task=job.task, data=job.data, checkpoint=job.checkpoint,
+                              normal_class=job.normal_class, epoch_callback=callback, score_test=score_test,
+                              progress=False, task_data=job.task_data)
+            if any(run.get("test") is not None for run in result.runs):
+                raise RuntimeError("finetune returned test metrics inside a tuning trial; refusing to use them")
+            value = float(sum(float(run["val"][metric]) for run in result.runs) / len(result.runs))
+            scores.append(value)
+            trial.set_user_attr("seed_scores", scores)
+            if not self.per_epoch and job.repeats > 1:
+                trial.report(value, i)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned after seed {i} ({metric} {value:.4f})")
+        return sum(scores) / len(scores)
+
+
+
+
+# ---------------------------------------------------------------------------- study
+@dataclass
+class TuneResult:
+    """What a search produced; `final` holds the test-scored fine-tune with the best parameters."""
+
+    out_dir: Path
+    study_name: str
+    storage: str
+    best_value: float | None
+    best_params: dict[str, Any]
+    n_complete: int
+    n_pruned: int
+    n_failed: int
+    final: FinetuneResult | None = None
+    best_trial: int | None = None
+
+
+
+def _fail_orphaned_trials(study: optuna.Study) -> None:
+    """With the default one-worker SQLite study, a RUNNING trial at start-up belongs to a killed run.
+
+    Heartbeats would fail it only after the grace period; doing it now lets the resumed run retry its
+    parameters at once. Shared RDB studies (--storage) are left to the heartbeats: other workers may be alive.
+    """
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(trial._trial_id, "error", "the tuning process was killed during this trial")
+        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+
+
+def storage_url(url: str | None, out: Path) -> str:
+    """The study's database URL: `sqlite:///<out>/optuna.db` by default; a bare file name is a SQLite file."""
+    if url is None:
+        return f"sqlite:///{(Path(out) / 'optuna.db').resolve()}"
+    if "://" not in url:
+        return f"sqlite:///{Path(url).expanduser().resolve()}"
+    return url
+
+
+def make_storage(url: str | None, out: Path, settings: TuneSettings) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats: trials of a killed process are failed after the grace period and retried."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    url = storage_url(url, out)
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    kwargs: dict[str, Any] = {"heartbeat_interval": settings.heartbeat_interval,
+                              "grace_period": max(settings.grace_period, 2 * settings.heartbeat_interval)}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # heartbeats are marked experimental; the behaviour is what we need
+            if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):  # Optuna >= 4.9 renamed the hook
+                kwargs["heartbeat_stale_trial_callback"] = optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=settings.max_retry)
+            else:  # pragma: no cover - older Optuna
+                kwargs["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(max_retry=settings.max_retry)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+    except ImportError as exc:
+        raise ConfigError(f"--storage {_hide_password(url)}: the database driver is missing ({exc}); install it") from None
+    except Exception as exc:
+        raise ConfigError(f"--storage {_hide_password(url)}: cannot open the study database ({one_line(exc, limit=500, with_type=True)})") from None
+
+
+def _hide_password(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
+
+
+def make_pruner(name: str, settings: TuneSettings, repeats: int) -> optuna.pruners.BasePruner:
+    """Median (default) or Hyperband over epochs; Wilcoxon over seeds when each trial runs several."""
+    if name == "auto":
+        name = "wilcoxon" if repeats > 1 else "median"
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=settings.pruner_startup_trials,
+                                           n_warmup_steps=settings.pruner_warmup_epochs)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource="auto")
+    if name == "wilcoxon":
+        if repeats < 2:
+            raise ConfigError("--pruner wilcoxon compares seeds; use it with --repeats 2 or more")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # experimental in Optuna; its behaviour is what we document
+            return optuna.pruners.WilcoxonPruner(p_threshold=settings.wilcoxon_p, n_startup_steps=min(2, repeats - 1))
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise ConfigError(f"--pruner {name!r}: use one of {', '.join(PRUNERS)}")
+
+
+def _counts(study: optuna.Study) -> dict[str, int]:
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    TS = optuna.trial.TrialState
+    return {"complete": states.count(TS.COMPLETE), "pruned": states.count(TS.PRUNED),
+            "failed": states.count(TS.FAIL), "running": states.count(TS.RUNNING), "waiting": states.count(TS.WAITING)}
+
+
+def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:  # no complete trial yet
+        return None
+
+
+def _short_params(params: dict[str, Any], limit: int = 60) -> str:
+    parts = []
+    for key, value in params.items():
+        name = key.split(".")[-1]
+        parts.append(f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}")
+    text = " ".join(parts)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _save_plots(study: optuna.Study, out: Path) -> list[str]:
+    """optimization_history.png and param_importances.png; a plot that cannot be made is a warning, not a crash."""
+    problems = []
+    try:
+        if "matplotlib.pyplot" not in sys.modules:
+            import matplotlib
+
+            matplotlib.use("Agg")  # headless: a tuning server has no display
+        import matplotlib.pyplot as plt
+        from optuna.visualization import matplotlib as ovm
+    except Exception as exc:
+        return [f"plots skipped: matplotlib unavailable ({one_line(exc, limit=500, with_type=True)})"]
+    n_complete = _counts(study)["complete"]
+    jobs = [("optimization_history.png", ovm.plot_optimization_history, 1),
+            ("param_importances.png", ovm.plot_param_importances, 2)]
+    for name, plot, needed in jobs:
+        if n_complete < needed:
+            problems.append(f"{name} skipped: needs at least {needed} complete trial(s), have {n_complete}")
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental
+                ax = plot(study)
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            fig.set_size_inches(8, 5)
+            fig.tight_layout()
+            atomic_savefig(fig, out / name, format="png", dpi=120)
+            plt.close(fig)
+        except Exception as exc:
+            problems.append(f"{name} not written: {one_line(exc, limit=500, with_type=True)}")
+    return problems
+
+
+def _final_summary(final: FinetuneResult | None) -> dict[str, Any] | None:
+    if final is None:
+        return None
+    tests = [run["test"] for run in final.runs if run.get("test")]
+    return {"run_dir": str(final.run_dir), "selection": final.selection, "runs": final.runs,
+            "test": aggregate_runs(tests) if tests else None, "aggregate": final.aggregate}
+
+
+def _previous_final(out_dir: Path) -> dict[str, Any] | None:
+    """The `final` entry of an earlier summary.json, when it recorded a test-scored run."""
+    try:
+        info = json.loads((out_dir / "summary.json").read_text(encoding="utf-8")).get("final")
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and info.get("test") else None
+
+
+def _print_summary(result: TuneResult, final_info: dict[str, Any] | None, warnings_: list[str]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"tuning {result.study_name}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    table.add_row("trials", f"{result.n_complete} complete, {result.n_pruned} pruned, {result.n_failed} failed")
+    best = "-" if result.best_value is None else f"{result.best_value:.4f} (trial {result.best_trial})"
+    table.add_row("best validation", best)
+    for key, value in result.best_params.items():
+        table.add_row(f"  {key}", f"{value:.4g}" if isinstance(value, float) else str(value))
+    if final_info and final_info.get("test"):
+        agg = final_info["test"]
+
+        def finite(x: Any) -> bool:  # values read back from summary.json may be None
+            return isinstance(x, (int, float)) and math.isfinite(x)
+
+        def fmt(k: str) -> str:
+            m = agg.get(k) or {}
+            if not finite(m.get("mean")):
+                return "n/a"
+            ci = f" ± {100 * m['ci95']:.2f}" if finite(m.get("ci95")) else ""
+            return f"{100 * m['mean']:.2f}{ci}"
+
+        table.add_row("final test Sp / Se / Score", f"{fmt('sp')} / {fmt('se')} / {fmt('score')}")
+        table.add_row("final run", final_info["run_dir"])
+    table.add_row("outputs", str(result.out_dir))
+    console.print(table)
+    for line in warnings_:
+        console.print(f"[yellow]warning: {line}[/]")
+
+
+
+def tune(
+    *,
+    task: str,
+    data: Path | str,
+    checkpoint: str | Path,
+    tune_recipe: str | Path = "icbhi_tune",
+    trials: int | None = None,
+    timeout: str | float | None = None,
+    storage: str | None = None,
+    study_name: str | None = None,
+    out: Path | None = None,
+    repeats: int | None = None,
+    pruner: str | None = None,
+    normal_class: str | None = None,
+    overrides: Sequence[str] = (),
+    final_test: bool = True,
+    progress: bool = True,
+) -> TuneResult:
+    """Search fine-tuning hyper-parameters on the validation split, then test the best once.
+
+    `trials`, `repeats` and `pruner` default to the tune recipe's `[tune]` values. `trials` is the
+    study's target: finished (complete + pruned) trials already in the study count, so re-running
+    the same command resumes a killed search and only runs what is missing. `timeout` (seconds)
+    limits this invocation.
+
+    Storage: by default `sqlite:///<out>/optuna.db`, which suits ONE worker process. Pass an RDB URL
+    (`postgresql://user:pw@host/db`, `mysql://...`) with the same `study_name` on several machines to
+    let them share one study; each stops when the study reaches `trials`. Heartbeats mark trials
+    of a killed worker as failed and re-queue their parameters (`RetryFailedTrialCallback`).
+
+    Outputs in `out`: `trials/trial_NNNN/` (one fine-tune run per trial), `best.toml` (pass to
+    `m2dx finetune --params`), `trials.csv`, `summary.json`, `optimization_history.png`,
+    `param_importances.png` and, with `final_test`, `final/` - the single run scored on test.
+    """
+    job = plan_search(task=task, data=data, checkpoint=checkpoint, tune_recipe=tune_recipe, trials=trials,
+                      timeout=timeout, storage=storage, study_name=study_name, out=out, repeats=repeats,
+                      pruner=pruner, normal_class=normal_class, overrides=overrides, final_test=final_test,
+                      progress=progress)
+    old_verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines replace Optuna's INFO logs
+    try:
+        study = run_search(job)
+        return finish_search(job, study)
+    finally:
+        optuna.logging.set_verbosity(old_verbosity)
+
+
+def plan_search(*, task: str, data: Path | str, checkpoint: str | Path, tune_recipe: str | Path,
+                trials: int | None, timeout: str | float | None, storage: str | None, study_name: str | None,
+                out: Path | None, repeats: int | None, pruner: str | None, normal_class: str | None,
+                overrides: Sequence[str], final_test: bool, progress: bool) -> TuneJob:
+    """Everything that can be checked without compute, in the order a user's mistake is most likely."""
+    settings, params = load_search_space(tune_recipe)
+    recipe_stem = Path(str(tune_recipe)).stem
+    target = settings.trials if trials is None else int(trials)
+    repeats = settings.repeats if repeats is None else int(repeats)
+    pruner_name = (settings.pruner if pruner is None else pruner).strip().lower()
+    timeout = settings.timeout if timeout is None else parse_duration(timeout)
+    if target < 1:
+        raise ConfigError(f"--trials must be at least 1, got {target}")
+    if repeats < 1:
+        raise ConfigError(f"--repeats must be at least 1, got {repeats}")
+    overrides = list(overrides)
+    # The recipe every trial starts from: must be valid and select on validation BEFORE any compute.
+    base = load_recipe(FinetuneRecipe, settings.finetune_recipe, overrides)
+    assert_validation_only(base, str(settings.finetune_recipe))
+    out_dir = (Path(out) if out is not None else Path("runs") / f"tune-{task}-{recipe_stem}").expanduser()
+    pruner_obj = make_pruner(pruner_name, settings, repeats)  # validates the pruner/repeats pair early
+    # Load the task once: every trial shares the same items and the same validation split.
+    task_data = load_task(task, data, normal_class=normal_class, val_fraction=base.data.val_fraction,
+                          seed=base.run.seed, test_set=base.data.test_set)
+    return TuneJob(settings=settings, params=params, tune_recipe=str(tune_recipe), task=task, data=Path(data),
+                   checkpoint=checkpoint, normal_class=normal_class, overrides=overrides, base=base,
+                   task_data=task_data, out_dir=out_dir, study_name=study_name or f"{recipe_stem}-{task}",
+                   storage=storage, target=target, timeout=timeout, repeats=repeats, pruner=pruner_obj,
+                   final_test=final_test, progress=progress)
+
+
+def run_search(job: TuneJob) -> optuna.Study:
+    """Run trials until the study holds `job.target` finished ones (or the timeout / failure limit ends it)."""
+    settings = job.settings
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    rdb = make_storage(job.storage, job.out_dir, settings)
+    sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=settings.sampler_startup_trials)
+    study = optuna.create_study(storage=rdb, sampler=sampler, pruner=job.pruner, study_name=job.study_name,
+                                direction=settings.direction, load_if_exists=True)
+    study.set_user_attr("tune_recipe", job.tune_recipe)
+    study.set_user_attr("finetune_recipe", str(settings.finetune_recipe))
+    study.set_user_attr("metric", settings.metric)
+    if job.storage is None:
+        _fail_orphaned_trials(study)
+    counts = _counts(study)
+    remaining = max(0, job.target - counts["complete"] - counts["pruned"])
+    if counts["complete"] + counts["pruned"]:
+        console.print(f"resuming study {job.study_name!r}: {counts['complete']} complete, {counts['pruned']} pruned, "
+                      f"{counts['failed']} failed; {remaining} trial(s) to go")
+    if not remaining:
+        return study
+
+    bar = make_progress(show=job.progress)
+    task_id = None
+    state = {"consecutive_failures": 0, "best": ""}
+
+    def best_text() -> str:
+        best = _best(study)
+        if best is None:
+            return "best -"
+        return f"best {best.value:.4f} #{best.number} {_short_params(best.params)}"
+
+    def on_epoch(number: int, seed_index: int, epoch: int, value: float) -> None:
+        if task_id is not None:
+            seed = f" seed {seed_index}" if job.repeats > 1 else ""
+            bar.update(task_id, status=f"#{number}{seed} ep {epoch} {settings.metric} {value:.3f} | {state['best']}")
+
+    def after_trial(st: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state == optuna.trial.TrialState.FAIL:
+            state["consecutive_failures"] += 1
+            console.print(f"[yellow]trial {trial.number} failed: {trial.user_attrs.get('error', 'see log')}[/]")
+            if state["consecutive_failures"] >= settings.max_consecutive_failures:
+                console.print(f"[red]{state['consecutive_failures']} trials in a row failed; stopping the search[/]")
+                st.stop()
+        else:
+            state["consecutive_failures"] = 0
+        state["best"] = best_text()
+        if task_id is not None:
+            bar.update(task_id, advance=1, status=state["best"])
+
+    objective = _Objective(job, per_epoch=not isinstance(job.pruner, optuna.pruners.WilcoxonPruner), on_epoch=on_epoch)
+    stop_at_target = optuna.study.MaxTrialsCallback(
+        job.target, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+    try:
+        state["best"] = best_text()
+        bar.start()
+        task_id = bar.add_task("tuning", total=remaining, status=state["best"])
+        study.optimize(objective, n_trials=remaining, timeout=job.timeout, catch=(Exception,),
+                       callbacks=[after_trial, stop_at_target])
+    finally:
+        bar.stop()
+    return study
+
+
+def finish_search(job: TuneJob, study: optuna.Study) -> TuneResult:
+    """trials.csv, best.toml, plots, the final test-split run and summary.json; raises when nothing completed."""
+    out_dir, settings = job.out_dir, job.settings
+    counts = _counts(study)
+    remaining = max(0, job.target - counts["complete"] - counts["pruned"])
+    best = _best(study)
+    notes: list[str] = []
+    # trials.csv first: it is the record that explains a search where nothing completed
+    atomic_write_csv(out_dir / "trials.csv", study.trials_dataframe(), float_format=None)
+
+    result = TuneResult(out_dir=out_dir, study_name=job.study_name,
+                        storage=_hide_password(storage_url(job.storage, out_dir)),
+                        best_value=None if best is None else float(best.value),
+                        best_params={} if best is None else dict(best.params),
+                        n_complete=counts["complete"], n_pruned=counts["pruned"], n_failed=counts["failed"],
+                        best_trial=None if best is None else best.number)
+    if best is not None:
+        header = (f"best parameters of study {job.study_name!r} (trial {best.number}, validation {settings.metric} "
+                  f"{best.value:.4f})\nfine-tune recipe: {settings.finetune_recipe}\n"
+                  f"use: m2dx finetune --recipe {Path(str(settings.finetune_recipe)).stem} --params best.toml")
+        atomic_write_text(out_dir / "best.toml", dump_toml(params_to_tables(best.params, job.overrides), header))
+        notes.extend(_save_plots(study, out_dir))
+
+    final: FinetuneResult | None = None
+    final_dir = out_dir / "final"
+    previous_final = None
+    if best is not None and job.final_test and not remaining and final_dir.exists():
+        # Nothing new was searched, so the best is unchanged: keep the earlier final run instead of
+        # spending another full fine-tune (delete out/final to force one).
+        previous_final = _previous_final(out_dir)
+        if previous_final is not None:
+            notes.append(f"no new trials; kept the earlier final run in {final_dir} (delete it to rerun)")
+    if best is not None and job.final_test and previous_final is None:
+        if final_dir.exists():  # a resumed search keeps the previous final run next to the new one
+            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            final_dir.rename(fresh_dir(out_dir / f"final-{stamp}"))
+        final_recipe = load_recipe(FinetuneRecipe, settings.finetune_recipe,
+                                   [*job.overrides, *to_overrides(best.params), *to_overrides({"run.out": str(final_dir)})])
+        assert_validation_only(final_recipe, "final fine-tune")
+        final = finetune(final_recipe, task=job.task, data=job.data, checkpoint=job.checkpoint,
+                         normal_class=job.normal_class, score_test=True, progress=job.progress,
+                         task_data=job.task_data)
+        result.final = final
+    final_info = _final_summary(final) if previous_final is None else previous_final
+
+    summary = {
+        "study_name": job.study_name, "storage": result.storage, "tune_recipe": job.tune_recipe,
+        "finetune_recipe": str(settings.finetune_recipe), "task": job.task, "data": str(job.data),
+        "checkpoint": str(job.checkpoint), "overrides": job.overrides, "metric": settings.metric,
+        "direction": settings.direction, "pruner": type(job.pruner).__name__, "repeats": job.repeats,
+        "trials_target": job.target, "counts": counts, "best_trial": result.best_trial,
+        "best_value": result.best_value, "best_params": result.best_params,
+        "space": [dataclasses.asdict(p) for p in job.params], "final": final_info, "warnings": notes,
+        "environment": environment_facts(), "written": _dt.datetime.now().isoformat(timespec="seconds"),
+    }
+    atomic_write_json(out_dir / "summary.json", summary)
+    _print_summary(result, final_info, notes)
+    if best is None:
+        errors = [t.user_attrs.get("error") for t in study.get_trials(deepcopy=False) if t.user_attrs.get("error")]
+        last = f"; last error: {errors[-1]}" if errors else ""
+        raise M2DXError(f"{out_dir}: no trial completed ({counts['failed']} failed, {counts['pruned']} pruned){last}; "
+                        f"see {out_dir / 'trials.csv'}")
+    return result
