@@ -5,4 +5,4 @@ Start from a published AudioSet M2D checkpoint, further pre-train it on your own
 ICBHI-style Sensitivity / Specificity / Score.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -248,6 +248,62 @@ def embed_cmd(
         raise typer.Exit(2)
 
 
+# ----------------------------------------------------------------------------- using the classifier
+@app.command("predict")
+def predict_cmd(
+    inputs: list[Path] = typer.Argument(..., help="Audio files, folders (recursive) or a CSV manifest (path[,start,end])."),
+    model: Path = typer.Option(..., "--model", "-m", help="A fine-tuning run folder (its repeats are averaged) or a classifier file (e.g. RUN/best.pt)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for segments.csv, recordings.csv and summary.json."),
+    segments: str = typer.Option("auto", "--segments", help="auto (annotation .txt beside the audio, else CSV start/end, else windows) | annotations | window."),
+    window_seconds: Optional[float] = typer.Option(None, "--window-seconds", help="Window length for --segments window (default: the model's segment length)."),
+    hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="Step between windows (default: the window length)."),
+    repeat: Optional[int] = typer.Option(None, "--repeat", help="Use only this repeat of a run folder instead of averaging all."),
+    ensemble: bool = typer.Option(False, "--ensemble", help="Average every repeat of the run folder (the default for a run folder)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Segments per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present) | cpu | cuda | cuda:N"),
+) -> None:
+    """Classify new recordings with a fine-tuned classifier: one row per segment and per recording.
+
+    Example: m2dx predict --model runs/lung_ft new_recordings/ --out predictions/
+    """
+    from .predict import predict
+
+    if ensemble and repeat is not None:
+        raise ConfigError("--ensemble averages every repeat and --repeat picks one; pass only one of them")
+    result = predict(model, inputs, out, segments=segments, window_seconds=window_seconds, hop_seconds=hop_seconds,
+                     repeat=repeat, batch_size=batch_size, device=device)
+    s = result.summary
+    _console().print(f"classified {s['recordings']} recording(s), {s['segments']} segment(s) with "
+                     f"{len(s['classifier_files'])} classifier file(s); abnormal when {s['abnormal_rule']}")
+    if s["real_time_factor"]:
+        _console().print(f"{s['recordings_per_s']:.2f} recordings/s, {s['real_time_factor']:.0f}x real time on {s['device']}")
+    _console().print(f"[green]wrote[/] {out / 'segments.csv'}, {out / 'recordings.csv'}, {out / 'summary.json'}")
+    if result.failed:
+        for path, problem in result.failed:
+            print(f"error: {path}: {problem}", file=sys.stderr)
+        raise typer.Exit(2)
+
+
+@app.command("export")
+def export_cmd(
+    model: Path = typer.Option(..., "--model", "-m", help="A fine-tuning run folder (its best.pt) or a classifier file."),
+    format: str = typer.Option(..., "--format", "-f", help="onnx (probabilities from a normalised log-mel segment) | safetensors (no pickle)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output file; a JSON sidecar <out>.json says how to feed it."),
+    repeat: Optional[int] = typer.Option(None, "--repeat", help="Export this repeat of a run folder instead of best.pt."),
+) -> None:
+    """Export a classifier as ONNX or safetensors, with a JSON sidecar (classes, front-end, segment rule, operating point).
+
+    Example: m2dx export --model runs/lung_ft --format onnx --out lung.onnx
+    """
+    from .checkpoint.classifier import find_classifier, load_classifier
+    from .export import export_classifier
+
+    if format not in ("onnx", "safetensors"):
+        raise ConfigError(f"--format {format!r}: use onnx or safetensors")
+    written = export_classifier(load_classifier(find_classifier(model, repeat)), format, out)
+    _console().print(f"[green]wrote[/] {written} and {written}.json")
+
+
 # ----------------------------------------------------------------------------- weights
 @weights_app.command("list")
 def weights_list_cmd() -> None:

@@ -37,7 +37,7 @@ from .data.segments import Segment
 from .data.tasks import load_task
 from .data.task_data import TaskData, resolve_normal_class
 from .errors import ConfigError, DataError
-from .finetune_outputs import SCORE_KEYS, EpochsLog, FinetuneResult, write_outputs
+from .finetune_outputs import SCORE_KEYS, EpochsLog, FinetuneResult, save_repeat_classifier, write_outputs
 from .metrics import icbhi_scores
 from .models.classifier import Classifier
 from .models.vit import AudioViT
@@ -189,6 +189,7 @@ class RepeatOutcome:
     val_probs: torch.Tensor | None
     test_probs: torch.Tensor | None
     best_state: dict[str, torch.Tensor] | None
+    classifier: Path | None = None  # the repeat's classifier file, once written
 
 
 @dataclass
@@ -432,6 +433,8 @@ class FinetuneRun:
     data: Path
     checkpoint: str | Path
     command: str
+    frontend: FrontEndConfig
+    score_test: bool
     started: float = field(default_factory=time.time)
 
 
@@ -489,7 +492,7 @@ def prepare_run(
         for note in [*td.warnings, *notes]:
             console.print(f"[yellow]{note}[/]")
     prepared = _Prepared(recipe, encoder.to(device), list(td.classes), td.normal_class, lms, labels, device, amp_dtype)
-    return FinetuneRun(prepared, td, splits, run_dir, notes, task, Path(data), checkpoint, command)
+    return FinetuneRun(prepared, td, splits, run_dir, notes, task, Path(data), checkpoint, command, frontend, score_test)
 
 
 def finetune(
@@ -512,7 +515,16 @@ def finetune(
                       score_test=score_test, has_callback=epoch_callback is not None, progress=progress,
                       task_data=task_data)
     epochs_log = EpochsLog(run.run_dir / "epochs.csv")  # readable while the run goes on
-    outcomes = [run_repeat(run.prepared, repeat, score_test=score_test, epoch_callback=epoch_callback,
-                           keep_state=repeat == 0, on_epoch=epochs_log.append, progress=progress)
-                for repeat in range(run.prepared.recipe.run.repeats)]
+    prep = run.prepared
+    outcomes = []
+    for repeat in range(prep.recipe.run.repeats):
+        # Tuning trials (score_test=False) keep no weights: a classifier file per trial would fill the disk.
+        outcome = run_repeat(prep, repeat, score_test=score_test, epoch_callback=epoch_callback,
+                             keep_state=score_test, on_epoch=epochs_log.append, progress=progress)
+        if outcome.best_state is not None:
+            model = build_classifier(prep.encoder, len(prep.classes), prep.recipe)
+            model.load_state_dict(outcome.best_state)
+            outcome.classifier = save_repeat_classifier(run, outcome, model.cpu().eval())
+            outcome.best_state = None  # written: free the memory before the next repeat
+        outcomes.append(outcome)
     return write_outputs(run, outcomes, progress=progress)

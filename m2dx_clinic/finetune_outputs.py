@@ -1,24 +1,44 @@
-"""What a fine-tuning run writes: epochs.csv, predictions.csv, metrics.json, plots and the classifier file.
+"""What a fine-tuning run writes, and how it is judged: predictions, metrics with a baseline, classifier files.
 
-Every number in `metrics.json` can be recomputed from `predictions.csv` (one row per scored segment
-of each repeat's selected model, with every class probability); the tests do exactly that.
+Files (each written atomically): `epochs.csv` (during the run), `predictions.csv` (one row per scored
+segment of each repeat's selected model, every class probability), `metrics.json`, the confusion
+matrix, learning curves, ROC / precision-recall curves, `classifiers/<folder>/repeat-<k>.pt` (one
+classifier file per repeat), `best.pt` (the selected repeat's file), `MODEL_CARD.md` and
+`model_card.html`. Every number in `metrics.json` can be recomputed from `predictions.csv`; the
+tests do exactly that.
+
+Judging (`evaluate_run`): the repeats' probabilities averaged (the ensemble `m2dx predict` applies
+by default) with clinical metrics, 95 % CIs by a bootstrap over subjects, an operating point chosen
+on validation, the log-mel statistics + logistic regression baseline on the same segments, the
+chance references, and the warnings a reviewer would raise.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import math
+import os
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pandas as pd
 
+from . import __version__
+from .checkpoint.classifier import classifier_folder_name, save_classifier
 from .config import to_dict
 from .data.segments import Segment
-from .fileio import atomic_savefig, atomic_torch_save, atomic_write_csv, atomic_write_json
+from .evaluation.baseline import chance_references, fit_baseline
+from .evaluation.checks import result_warnings, summary_value
+from .evaluation.clinical import choose_operating_point, clinical_report, p_abnormal
+from .evaluation.plots import plot_confusion, plot_learning_curves, plot_roc_pr
+from .fileio import atomic_write_csv, atomic_write_json, to_jsonable
 from .metrics import aggregate_runs
+from .model_card import write_model_card
+from .models.classifier import Classifier
 from .progress import console, environment_facts
 from .recipes import selection_label
 
@@ -26,6 +46,8 @@ if TYPE_CHECKING:  # the loop's records; only their attributes are used here
     from .finetune import FinetuneRun, RepeatOutcome
 
 SCORE_KEYS = ("sp", "se", "score", "accuracy")
+CLASSIFIERS_DIR = "classifiers"
+SELECTED_CLASSIFIER = "best.pt"
 
 
 @dataclass
@@ -37,8 +59,8 @@ class FinetuneResult:
     aggregate_split: str = "test"  # which split `aggregate` summarises ("test" or "val")
     classes: list[str] = field(default_factory=list)
     normal_class: str = ""
-
-
+    warnings: list[str] = field(default_factory=list)
+    evaluation: dict[str, Any] | None = None  # ensemble, baseline, chance (metrics.json); None in tuning trials
 
 
 class EpochsLog:
@@ -92,56 +114,157 @@ def predictions_frame(outcomes: Sequence[RepeatOutcome], splits: dict[str, list[
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def plot_confusion(matrix: np.ndarray, classes: list[str], title: str, path: Path) -> None:
-    from matplotlib.figure import Figure  # pyplot-free, as the report's plots: no global backend switch
-
-    fig = Figure(figsize=(1.2 * len(classes) + 2.5, 1.2 * len(classes) + 2))
-    ax = fig.subplots()
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(title, fontsize=9)
-    peak = matrix.max() if matrix.size else 0
-    for i in range(matrix.shape[0]):
-        for j in range(matrix.shape[1]):
-            ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center",
-                    color="white" if peak and matrix[i, j] > peak / 2 else "black")
-    atomic_savefig(fig, path, format="png", dpi=120, bbox_inches="tight")
 
 
-def plot_learning_curves(epochs: pd.DataFrame, title: str, path: Path) -> None:
-    from matplotlib.figure import Figure
+# ---------------------------------------------------------------------------- classifier files
+def segment_rule(recipe: Any) -> dict[str, Any]:
+    """How a recording becomes model input: segment length, padding, chunked or adjusted positions."""
+    return {"seconds": recipe.data.cycle_seconds, "pad": recipe.data.pad,
+            "positions": "adjusted" if recipe.model.adjust_pos else "chunked"}
 
-    fig = Figure(figsize=(11, 4))
-    ax_loss, ax_score = fig.subplots(1, 2)
-    for repeat, rows in epochs.groupby("repeat"):
-        ax_loss.plot(rows["epoch"], rows["train_loss"], marker=".", label=f"train (repeat {repeat})")
-        if "val_loss" in rows:
-            ax_loss.plot(rows["epoch"], rows["val_loss"], "--", marker=".", label=f"val (repeat {repeat})")
-        if "val_score" in rows:
-            ax_score.plot(rows["epoch"], 100 * rows["val_score"], marker=".", label=f"val Score (repeat {repeat})")
-        if "test_score" in rows:
-            ax_score.plot(rows["epoch"], 100 * rows["test_score"], ":", marker=".", label=f"test Score (repeat {repeat})")
-        picked = rows[rows["selected"]]
-        if len(picked) and "val_score" in rows:
-            ax_score.axvline(int(picked["epoch"].iloc[0]), color="grey", lw=0.5)
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("cross-entropy loss")
-    ax_loss.set_title("loss")
-    ax_score.set_xlabel("epoch")
-    ax_score.set_ylabel("ICBHI Score (%)")
-    ax_score.set_title(f"Score; selection: {title}", fontsize=9)
-    for ax in (ax_loss, ax_score):
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    atomic_savefig(fig, path, format="png", dpi=120, bbox_inches="tight")
+
+def classifier_meta(run: "FinetuneRun", outcome: "RepeatOutcome") -> dict[str, Any]:
+    """Everything a classifier file carries besides its weights (see `checkpoint.classifier`)."""
+    prep, td = run.prepared, run.task_data
+    recipe, encoder = prep.recipe, prep.encoder
+    classes = list(prep.classes)
+    point = None
+    if outcome.val_probs is not None and len(prep.labels.get("val", [])):
+        point = choose_operating_point(outcome.val_probs.numpy(), prep.labels["val"], prep.normal_class,
+                                       target_sensitivity=recipe.run.target_sensitivity)
+    return to_jsonable({
+        "package_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "classes": classes,
+        "normal_class": classes[prep.normal_class],
+        "normal_class_index": prep.normal_class,
+        "norm_stats": encoder.norm_stats.tolist(),
+        "frontend": asdict(run.frontend),
+        "segment": segment_rule(recipe),
+        "vit_config": to_dict(encoder.config),
+        "recipe": to_dict(recipe),
+        "operating_point": point,
+        "data": td.fingerprint(run.splits),
+        "scores": {"val": _named_metrics(outcome.val, classes), "test": _named_metrics(outcome.test, classes)},
+        "repeat": outcome.repeat,
+        "seed": outcome.seed,
+        "selected_epoch": outcome.selected_epoch,
+        "selection": selection_label(recipe.run.selection),
+        "task": td.name,
+        "base_checkpoint": str(run.checkpoint),
+        "command": run.command,
+    })
+
+
+def save_repeat_classifier(run: "FinetuneRun", outcome: "RepeatOutcome", model: Classifier) -> Path:
+    """`classifiers/<published-convention folder>/repeat-<k>.pt` for one repeat's selected weights."""
+    folder = run.run_dir / CLASSIFIERS_DIR / classifier_folder_name(run.prepared.encoder.config)
+    return save_classifier(model, classifier_meta(run, outcome), folder / f"repeat-{outcome.repeat}.pt",
+                           epoch=outcome.selected_epoch)
+
+
+def _selected_repeat(outcomes: Sequence["RepeatOutcome"], selection: str) -> int:
+    """The repeat whose file becomes best.pt: best validation Score (test Score for test-best), else the first."""
+    def key(o: "RepeatOutcome") -> float:
+        block = o.test if selection == "test-best" else o.val
+        value = summary_value(block, "score")
+        return -math.inf if value is None else value
+
+    scored = [o for o in outcomes if key(o) > -math.inf]
+    return max(scored, key=key).repeat if scored else outcomes[0].repeat
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """`target` becomes the same file as `source` (a hard link; a copy across file systems), atomically."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copy2(source, tmp)
+    os.replace(tmp, target)
+
+
+# ---------------------------------------------------------------------------- judging the run
+def _ensemble(outcomes: Sequence["RepeatOutcome"], split: str) -> np.ndarray | None:
+    probs = [getattr(o, f"{split}_probs") for o in outcomes]
+    if not probs or any(p is None for p in probs) or len(probs[0]) == 0:
+        return None
+    return np.mean([p.numpy().astype(np.float64) for p in probs], axis=0)
+
+
+def evaluate_run(run: "FinetuneRun", outcomes: Sequence["RepeatOutcome"]) -> dict[str, Any]:
+    """The ensemble's clinical metrics and operating point, the baseline, chance, and the warnings."""
+    prep = run.prepared
+    recipe, r = prep.recipe, prep.recipe.run
+    classes, normal, labels = prep.classes, prep.normal_class, prep.labels
+    groups = {split: [str(it.subject) for it in items] for split, items in run.splits.items()}
+    probs = {split: p for split in ("val", "test") if (p := _ensemble(outcomes, split)) is not None}
+
+    def judged(split_probs: dict[str, np.ndarray]) -> dict[str, Any]:
+        point = (choose_operating_point(split_probs["val"], labels["val"], normal, target_sensitivity=r.target_sensitivity)
+                 if "val" in split_probs else None)
+        threshold = point["threshold"] if point else None
+        out: dict[str, Any] = {"operating_point": point}
+        for split, p in split_probs.items():
+            out[split] = clinical_report(p, labels[split], groups[split], classes, normal, threshold,
+                                         resamples=r.bootstrap if split == "test" else 0, seed=r.seed)
+        return out
+
+    model = {"repeats": len(outcomes), **judged(probs)}
+    baseline = None
+    if r.baseline:
+        fitted = fit_baseline({s: prep.lms[s] for s in labels}, labels, num_classes=len(classes), normal=normal,
+                              balanced=recipe.optim.class_weighting != "none", seed=r.seed)
+        baseline = {"method": "per-band log-mel mean / std / delta std -> standardise -> logistic regression",
+                    "C": fitted["C"], "val_grid": fitted["val_grid"], "features": fitted["features"],
+                    **judged({s: p for s, p in fitted["probs"].items() if s in ("val", "test")})}
+    eval_split = "test" if "test" in probs else "val"
+    chance = chance_references(labels["train"], labels.get(eval_split, []), num_classes=len(classes), normal=normal)         if labels.get(eval_split) else None
+    warnings = result_warnings(
+        classes=classes, normal=normal,
+        splits={s: (p, np.asarray(labels[s])) for s, p in probs.items()},
+        model_val_score=summary_value((model.get("val") or {}).get("values"), "score"),
+        baseline_val_score=summary_value(((baseline or {}).get("val") or {}).get("values"), "score"),
+        chance=chance, test_score=summary_value((model.get("test") or {}).get("values"), "score"))
+    return {"ensemble": model, "baseline": baseline, "chance": chance, "chance_split": eval_split,
+            "warnings": warnings, "_probs": probs, "_baseline_probs": fitted["probs"] if baseline else None}
+
+
+def comparison_table(evaluation: dict[str, Any], *, split: str, title: str) -> Any:
+    """A rich table: the model (ensemble) next to the baseline and chance, in percent, with 95 % CIs."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("model (95% CI)", justify="right")
+    table.add_column("baseline (95% CI)", justify="right")
+    table.add_column("always normal", justify="right")
+    table.add_column("class prior", justify="right")
+    model = (evaluation["ensemble"].get(split) or {})
+    base = ((evaluation.get("baseline") or {}).get(split) or {})
+    chance = evaluation.get("chance") or {}
+
+    def cell(block: dict[str, Any], key: str) -> str:
+        value = summary_value(block.get("values"), key)
+        if value is None:
+            return "-"
+        ci = (block.get("ci95") or {}).get(key)
+        interval = f" ({100 * ci[0]:.1f}-{100 * ci[1]:.1f})" if ci and all(map(math.isfinite, ci)) else ""
+        return f"{100 * value:.1f}{interval}"
+
+    rows = [("Sp", "sp"), ("Se", "se"), ("Score", "score"), ("accuracy", "accuracy"),
+            ("AUROC abnormal", "auroc_abnormal"), ("Se at op. point", "op_sensitivity"),
+            ("Sp at op. point", "op_specificity"), ("PPV at op. point", "op_ppv"), ("NPV at op. point", "op_npv")]
+    for name, key in rows:
+        chance_cells = [f"{100 * v:.1f}" if (v := summary_value(chance.get(which), key)) is not None else "-"
+                        for which in ("always_normal", "class_prior")]
+        table.add_row(name, cell(model, key), cell(base, key), *chance_cells)
+    return table
 
 
 def summary_table(aggregate: dict[str, Any], *, title: str) -> Any:
-    """A rich table: Sp / Se / Score / accuracy in %, mean ± 95 % CI, std and n."""
+    """A rich table: Sp / Se / Score / accuracy in %, mean ± 95 % CI, std and n over repeats."""
     from rich.table import Table
 
     table = Table(title=title)
@@ -158,6 +281,7 @@ def summary_table(aggregate: dict[str, Any], *, title: str) -> Any:
     return table
 
 
+# ---------------------------------------------------------------------------- all files of a run
 def write_outputs(run: "FinetuneRun", outcomes: Sequence["RepeatOutcome"], *, progress: bool) -> FinetuneResult:
     """All files of a finished run, each written atomically; returns the result the caller reports."""
     prep, td, run_dir = run.prepared, run.task_data, run.run_dir
@@ -181,6 +305,8 @@ def write_outputs(run: "FinetuneRun", outcomes: Sequence["RepeatOutcome"], *, pr
     epochs_frame = pd.DataFrame([row for o in outcomes for row in o.epochs])
     atomic_write_csv(run_dir / "epochs.csv", epochs_frame)
     atomic_write_csv(run_dir / "predictions.csv", predictions_frame(outcomes, run.splits, classes, recipe.run.selection))
+    evaluation = evaluate_run(run, outcomes) if run.score_test else None
+    warnings = [*td.warnings, *(evaluation["warnings"] if evaluation else [])]
     checkpoint_path = Path(str(run.checkpoint)).expanduser()
     metrics = {
         "task": td.name,
@@ -195,43 +321,64 @@ def write_outputs(run: "FinetuneRun", outcomes: Sequence["RepeatOutcome"], *, pr
         "normal_class": classes[td.normal_class],
         "normal_class_index": td.normal_class,
         "items": {split: len(items) for split, items in run.splits.items()},
+        "segment": segment_rule(recipe),
         "repeats": recipe.run.repeats,
         "runs": runs,
         "aggregate": aggregate,
         "notes": [*td.notes, *run.notes],
-        "warnings": list(td.warnings),
+        "warnings": warnings,
         "device": str(prep.device),
         "amp": str(prep.amp_dtype) if prep.amp_dtype is not None else "off",
         "seconds": time.time() - run.started,
+        "data_fingerprint": td.fingerprint(run.splits),
+        "package_version": __version__,
+        "command": run.command,
         "environment": environment_facts(),
-        "metrics_note": "fractions in [0, 1]; recompute from predictions.csv (pred_index vs true_index per repeat and split)",
+        "metrics_note": "fractions in [0, 1]; recompute from predictions.csv (pred_index vs true_index per repeat and "
+                        "split; the ensemble is the mean of the repeats' probabilities)",
     }
+    if evaluation is not None:
+        metrics.update({k: v for k, v in evaluation.items() if not k.startswith("_") and k != "warnings"})
+        files = [o.classifier for o in outcomes if getattr(o, "classifier", None) is not None]
+        if files:
+            chosen = _selected_repeat(outcomes, recipe.run.selection)
+            _link_or_copy(next(f for o, f in zip(outcomes, files) if o.repeat == chosen), run_dir / SELECTED_CLASSIFIER)
+            metrics["classifiers"] = {"files": [str(f.relative_to(run_dir)) for f in files], "selected_repeat": chosen,
+                                      "selected": SELECTED_CLASSIFIER}
     atomic_write_json(run_dir / "metrics.json", metrics, end="")
 
     total_cm = sum(np.asarray((o.test if scored_test else o.val)["confusion_matrix"]) for o in outcomes)
     plot_confusion(total_cm, classes, f"{agg_split} split, summed over {len(outcomes)} repeat(s); selection: {label}",
                    run_dir / "confusion_matrix.png")
     plot_learning_curves(epochs_frame, label, run_dir / "learning_curves.png")
-    first = outcomes[0]
-    encoder = prep.encoder
-    atomic_torch_save(
-        {
-            "model": first.best_state,
-            "classes": classes,
-            "normal_class": td.normal_class,
-            "norm_stats": encoder.norm_stats.tolist(),
-            "vit_config": to_dict(encoder.config),
-            "adjust_pos": recipe.model.adjust_pos,
-            "epoch": first.selected_epoch,
-            "selection": label,
-            "checkpoint": str(run.checkpoint),
-            "recipe": to_dict(recipe),
-        },
-        run_dir / "best.pt",
-    )
+    if evaluation is not None:
+        _plot_curves(run, evaluation)
+        write_model_card(run_dir, metrics, run.task_data, run.splits)
     if progress:
         title = f"{td.name}: {agg_split} split over {len(outcomes)} run(s) — selection: {label}"
         console.print(summary_table(aggregate, title=title))
+        if evaluation is not None:
+            split = "test" if "test" in evaluation["ensemble"] else "val"
+            console.print(comparison_table(evaluation, split=split, title=f"{split} split: the model ({len(outcomes)} "
+                                           "repeat(s) averaged) next to the baseline and chance"))
+        for line in warnings:
+            console.print(f"[yellow]warning: {line}[/]")
         console.print(f"run folder: {run_dir}")
     return FinetuneResult(run_dir=run_dir, runs=runs, aggregate=aggregate, selection=label,
-                          aggregate_split=agg_split, classes=classes, normal_class=classes[td.normal_class])
+                          aggregate_split=agg_split, classes=classes, normal_class=classes[td.normal_class],
+                          warnings=warnings, evaluation=metrics if evaluation is not None else None)
+
+
+def _plot_curves(run: "FinetuneRun", evaluation: dict[str, Any]) -> None:
+    """roc_pr.png: normal-vs-abnormal ROC and precision-recall of the model and the baseline on the scored split."""
+    prep = run.prepared
+    split = "test" if "test" in evaluation["_probs"] else "val"
+    if split not in evaluation["_probs"]:
+        return
+    truth = np.asarray(prep.labels[split]) != prep.normal_class
+    curves = [{"label": "model", "truth": truth, "score": p_abnormal(evaluation["_probs"][split], prep.normal_class)}]
+    if evaluation.get("_baseline_probs") and split in evaluation["_baseline_probs"]:
+        curves.append({"label": "log-mel baseline", "truth": truth,
+                       "score": p_abnormal(evaluation["_baseline_probs"][split], prep.normal_class)})
+    plot_roc_pr(curves, run.run_dir / "roc_pr.png", title=f"{split} split",
+                operating_point=evaluation["ensemble"].get("operating_point"))

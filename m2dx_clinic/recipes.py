@@ -172,6 +172,11 @@ class FtRunSection:
     selection: Literal["val", "test-best", "last"] = "val"
     num_workers: int = 0  # threads that decode and prepare cycles (the training data then sits in memory)
     eval_batch_size: int = 64
+    # operating point on P(abnormal), chosen on the validation split: 0 = maximum Youden J, else the
+    # highest threshold whose validation sensitivity reaches this target (e.g. 0.9)
+    target_sensitivity: float = 0.0
+    bootstrap: int = 1000  # resamples over subjects for the 95% CIs of the clinical metrics (0 = none)
+    baseline: bool = True  # fit the log-mel statistics + logistic regression baseline on the same segments
 
 
 @dataclass
@@ -222,6 +227,9 @@ def validate_finetune_recipe(recipe: FinetuneRecipe, *, score_test: bool = True)
         (r.repeats >= 1, f"run.repeats must be >= 1, got {r.repeats}"),
         (r.num_workers >= 0, f"run.num_workers must be >= 0, got {r.num_workers}"),
         (r.eval_batch_size >= 1, f"run.eval_batch_size must be >= 1, got {r.eval_batch_size}"),
+        (0 <= r.target_sensitivity < 1,
+         f"run.target_sensitivity must be in [0, 1) (0 = maximum Youden J), got {r.target_sensitivity}"),
+        (r.bootstrap >= 0, f"run.bootstrap must be >= 0 (0 = no bootstrap CIs), got {r.bootstrap}"),
         (score_test or r.selection != "test-best",
          "run.selection=test-best picks the epoch on the test split, which contradicts not scoring the test "
          "split; use run.selection=val"),
@@ -252,10 +260,12 @@ class TuneSettings:
     grace_period: int = 180
     max_retry: int = 3  # retries of a trial whose process died
     max_consecutive_failures: int = 5  # stop early when the setup is broken rather than burn the budget
+    min_trials_for_importance: int = 8  # complete trials before parameter importances mean anything
 
 
 def validate_tune_settings(settings: TuneSettings, where: str) -> None:
-    positive = {"trials": 1, "repeats": 1, "heartbeat_interval": 1, "grace_period": 1, "max_consecutive_failures": 1}
+    positive = {"trials": 1, "repeats": 1, "heartbeat_interval": 1, "grace_period": 1, "max_consecutive_failures": 1,
+                "min_trials_for_importance": 2}
     for name, minimum in positive.items():
         if getattr(settings, name) < minimum:
             raise ConfigError(f"{where}: tune.{name} must be at least {minimum}, got {getattr(settings, name)}")

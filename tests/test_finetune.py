@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from m2dx_clinic import finetune as ft
 from m2dx_clinic import recipes
 from m2dx_clinic.audio import FrontEndConfig
+from m2dx_clinic.checkpoint.classifier import load_classifier
 from m2dx_clinic.augment import spec_augment
 from m2dx_clinic.data import segment_cache
 from m2dx_clinic.objectives import inverse_frequency_weights
@@ -276,13 +277,14 @@ def test_end_to_end_outputs_recompute_from_predictions(tmp_path, demo_icbhi, tin
     assert (epochs["train_samples"] == len(td.split("train"))).all()  # nothing dropped
     assert {"train_loss", "val_loss", "val_sp", "val_se", "val_score", "lr"} <= set(epochs.columns)
     assert epochs["selected"].sum() == 1
-    # the resolved recipe loads back; best.pt loads safely into a classifier
+    # the resolved recipe loads back; best.pt (the selected repeat's classifier file) loads safely
     again = load_recipe(FinetuneRecipe, run / "recipe.toml")
     assert again.data.cycle_seconds == 8.0 and again.run.out == str(run)
-    best = torch.load(run / "best.pt", weights_only=True)
-    assert best["classes"] == classes and best["norm_stats"] == pytest.approx([-6.0, 4.0])
+    best = torch.load(run / "best.pt", weights_only=True)  # plain tensors and values: not even the Namespace allow-list
+    clf = load_classifier(run / "best.pt")
+    assert clf.classes == classes and clf.meta["norm_stats"] == pytest.approx([-6.0, 4.0])
     model = Classifier(AudioViT(TINY, norm_stats=(-6.0, 4.0)), len(classes))
-    model.load_state_dict(best["model"])
+    model.load_state_dict(clf.model.state_dict())
     assert best["epoch"] == metrics["runs"][0]["selected_epoch"]
 
 

@@ -88,3 +88,33 @@ def test_only_the_cli_and_the_journeys_import_training_loops():
     wrong = {name: sorted(graph[name] & loops) for name in graph
              if graph[name] & loops and name not in allowed | loops}
     assert not wrong, f"modules importing a training loop they do not run: {wrong}"
+
+
+LAYERS = [  # docs/ARCHITECTURE.md: each layer imports only from the layers above it
+    ("m2dx_clinic",),
+    ("errors", "fileio", "config", "recipes", "runtime", "rundir", "progress", "document", "fetch"),
+    ("audio",),
+    ("data", "demo_data"),
+    ("models", "objectives", "augment", "metrics", "evaluation"),
+    ("checkpoint", "weights"),
+    ("pretrain", "finetune", "finetune_outputs", "model_card"),
+    ("predict", "export", "embed"),
+    ("tuning", "report", "quickstart"),
+    ("cli", "__main__"),
+]
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    top = parts[1] if len(parts) > 1 else parts[0]
+    for index, names in enumerate(LAYERS):
+        if top in names:
+            return index
+    raise AssertionError(f"{module}: not placed in a layer of docs/ARCHITECTURE.md")
+
+
+def test_each_layer_imports_only_from_the_layers_above():
+    graph = _graph()
+    upward = sorted(f"{name} -> {target}" for name, targets in graph.items() for target in targets
+                    if _layer(target) > _layer(name))
+    assert not upward, f"imports against the layering: {upward}"

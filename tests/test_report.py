@@ -110,23 +110,6 @@ def test_recommend_prefers_probe_score_and_breaks_ties_on_health():
 
 
 # ---------------------------------------------------------------------------- a tiny real run
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> dict[str, Path]:
-    """A 2-epoch tiny_cpu run on demo ICBHI data (trained once per session)."""
-    from m2dx_clinic.config import load_recipe
-    from m2dx_clinic.demo_data import demo_noise_dir, make_demo_icbhi
-    from m2dx_clinic.pretrain import start_run
-    from m2dx_clinic.recipes import PretrainRecipe
-
-    tmp = tmp_path_factory.mktemp("report_run")
-    make_demo_icbhi(tmp / "data", num_patients=6, recordings_per_patient=1, seconds=8)
-    recipe = load_recipe(PretrainRecipe, "tiny_cpu", [
-        f"data.data={tmp}/data/ICBHI_final_database", f"data.noise={demo_noise_dir()}", f"run.out={tmp}/run",
-        f"data.cache_dir={tmp}/cache", "data.min_ds_size=32", "optim.epochs=2"])
-    run_dir = start_run(recipe, progress=False)
-    return {"root": tmp, "run": Path(run_dir), "data": tmp / "data"}
-
-
 def _copy_run(tiny_run: dict[str, Path], tmp_path: Path) -> Path:
     """A private copy of the session run (without its report) that a test may damage."""
     target = tmp_path / "run"

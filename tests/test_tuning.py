@@ -209,8 +209,11 @@ def test_resume_continues_the_study_and_writes_outputs(tmp_path, fake):
     assert all(c["recipe"].run.selection == "val" and c["recipe"].run.repeats == 1 for c in f.calls)
 
     assert second.best_value == pytest.approx(study.best_value)
-    for name in ("best.toml", "trials.csv", "summary.json", "optimization_history.png", "param_importances.png"):
+    for name in ("best.toml", "trials.csv", "summary.json", "optimization_history.png"):
         assert (out / name).is_file(), name
+    # importances from 3 complete trials are noise: left out, and the summary says why
+    assert not (out / "param_importances.png").exists()
+    assert any("need at least 8 complete trials" in w for w in json.loads((out / "summary.json").read_text())["warnings"])
     assert not list(out.glob(".*tmp*"))
     recipe = load_recipe(FinetuneRecipe, "tiny_finetune", load_params_toml(out / "best.toml"))
     assert recipe.optim.lr == pytest.approx(second.best_params["optim.lr"])
@@ -234,6 +237,21 @@ def test_pruning_stops_bad_trials(tmp_path, fake):
     assert pruned and all(max(t.intermediate_values) < 4 for t in pruned)  # stopped before the last epoch
     # pruned trials count towards the target: 3 finished trials in all
     assert result.n_pruned + result.n_complete == 3
+
+
+def test_importances_with_enough_trials_and_a_warning_when_all_score_alike(tmp_path, fake):
+    fake["install"](score=lambda call, recipe, epoch: min(0.99, recipe.optim.lr * 50 + 0.01 * epoch))
+    recipe = write_tune_recipe(tmp_path, LR_SPACE, "min_trials_for_importance = 3\npruner = \"none\"")
+    result = run_tune(tmp_path, recipe, trials=3)
+    assert (tmp_path / "out" / "param_importances.png").is_file() and result.n_complete == 3
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    fake["install"](score=lambda call, recipe, epoch: 0.5)
+    result = run_tune(flat, write_tune_recipe(flat, LR_SPACE, "min_trials_for_importance = 2\npruner = \"none\""), trials=3)
+    summary = json.loads((flat / "out" / "summary.json").read_text())
+    assert any("was the same (50.00%)" in w for w in summary["warnings"])
+    assert any("every complete trial scored the same" in w for w in summary["warnings"])
+    assert not (flat / "out" / "param_importances.png").exists()
 
 
 def test_failures_are_recorded_and_the_study_goes_on(tmp_path, fake):

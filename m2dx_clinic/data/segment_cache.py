@@ -75,13 +75,15 @@ def prepare_segments(
     progress: bool = False,
     description: str = "cycles",
     problems: list[str] | None = None,
+    remember: bool = True,
 ) -> torch.Tensor:
     """Raw (un-normalised) log-mel of every segment fitted to `length_s`, stacked [N, n_mels, frames] float32.
 
     Results are cached on disk (when `cache_dir` is given) and the stacked tensor in memory. An
     unreadable file raises `AudioError` here, before training starts; when a `problems` list is
     given, its row is NaN instead (see `readable_rows`) and the problem is appended to the list
-    (the report's probe skips such segments).
+    (the report's probe skips such segments). `remember=False` keeps the result out of the memory
+    cache (prediction: every recording is seen once).
     """
     keys = [segment_key(it, frontend, length_s, pad) for it in items]
     skip_bad = problems is not None
@@ -131,9 +133,10 @@ def prepare_segments(
             for i in range(len(items)):
                 one(i)
                 bar.advance(task)
-    _MEMORY_CACHE[split_key] = (out, bad)
-    while len(_MEMORY_CACHE) > MEMORY_CACHE_ENTRIES:
-        _MEMORY_CACHE.popitem(last=False)
+    if remember:
+        _MEMORY_CACHE[split_key] = (out, bad)
+        while len(_MEMORY_CACHE) > MEMORY_CACHE_ENTRIES:
+            _MEMORY_CACHE.popitem(last=False)
     if problems is not None:
         problems.extend(bad)
     return out

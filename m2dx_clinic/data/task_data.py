@@ -8,6 +8,7 @@ fine-tuning, metrics and reports never need to know where the labels came from. 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,6 +58,22 @@ class TaskData:
         frame = pd.DataFrame.from_dict(rows, orient="index", columns=[*self.classes, "total"])
         frame.index.name = "split"
         return frame
+
+    def fingerprint(self, splits: dict[str, list[Segment]] | None = None) -> dict:
+        """What a model saw: a sha256 of the items (path, range, class, subject, split), counts, subjects.
+
+        Two runs with the same fingerprint were trained and scored on the same data; a classifier
+        file carries it so a reader can tell which data it came from without the run folder.
+        """
+        chosen = splits if splits is not None else {name: self.split(name) for name in SPLITS}
+        lines = sorted(f"{split}\t{Path(it.path).resolve()}\t{it.start}\t{it.end}\t{self.classes[it.label]}\t{it.subject}"
+                       for split, items in chosen.items() for it in items)
+        digest = hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+        counts = {split: {name: int(sum(1 for it in items if it.label == c)) for c, name in enumerate(self.classes)}
+                  for split, items in chosen.items()}
+        subjects = {split: len({it.subject for it in items}) for split, items in chosen.items()}
+        return {"sha256": digest, "task": self.name, "counts": counts, "subjects": subjects,
+                "items": {split: len(items) for split, items in chosen.items()}, "official_split": self.official_split}
 
 
 def check_leakage(items: Sequence[Segment], official: bool, source: str = "") -> list[str]:

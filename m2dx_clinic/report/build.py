@@ -54,7 +54,7 @@ from .health import (
     rankme,
     row_warnings,
 )
-from .probe import ProbeSet, probe_scores
+from .probe import ProbeSet, probe_baseline, probe_scores
 from .render import write_report_files
 from .runinfo import Slot, collect_slots, epoch_end_rows, finite, load_run_recipe, run_norm_stats
 
@@ -73,10 +73,18 @@ def _mean_scores(blocks: list[dict[str, Any]]) -> dict[str, float | None] | None
     if not blocks:
         return None
     out: dict[str, float | None] = {}
-    for key in ("sp", "se", "score", "accuracy"):
+    for key in ("sp", "se", "score", "accuracy", "n_normal", "n_abnormal"):
         values = [v for b in blocks if (v := finite(b.get(key))) is not None]
         out[key] = float(np.mean(values)) if values else None
     return out
+
+
+def score_noise(block: dict[str, Any]) -> float | None:
+    """Standard error of an ICBHI Score measured on `n_normal` + `n_abnormal` items (binomial Sp and Se)."""
+    sp, se, n_normal, n_abnormal = (finite(block.get(k)) for k in ("sp", "se", "n_normal", "n_abnormal"))
+    if None in (sp, se, n_normal, n_abnormal) or not n_normal or not n_abnormal:
+        return None
+    return 0.5 * math.sqrt(sp * (1 - sp) / n_normal + se * (1 - se) / n_abnormal)
 
 
 def _finetune_checkpoint(path: Path, epoch: int, *, recipe_name: str, task: str, data: Path, normal_class: str | None,
@@ -112,11 +120,21 @@ def _reuse_finetune(out: Path, checkpoint: Path) -> dict[str, Any] | None:
 
 
 def _finetune_summary(run_dir: Path, runs: list[dict[str, Any]], aggregate: Any, selection: str) -> dict[str, Any]:
-    """Mean val / test Sp, Se, Score over repeats plus the fine-tune's own aggregate, for one report row."""
+    """Mean val / test Sp, Se, Score over repeats, the fine-tune's own aggregate and its baseline, for one row."""
     vals = [b for r in runs if (b := _metric_block(r, "val"))]
     tests = [b for r in runs if (b := _metric_block(r, "test"))]
+    try:
+        saved = json.loads((Path(run_dir) / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        saved = {}
+    baseline = ((saved.get("baseline") or {}).get("test") or {}).get("values")
+    ensemble = ((saved.get("ensemble") or {}).get("test") or {}).get("values")
     return {"run_dir": str(run_dir), "selection": selection, "repeats": len(runs), "reused": False,
-            "val": _mean_scores(vals), "test": _mean_scores(tests), "aggregate": to_jsonable(aggregate)}
+            "val": _mean_scores(vals), "test": _mean_scores(tests), "aggregate": to_jsonable(aggregate),
+            "test_auroc_abnormal": finite((ensemble or {}).get("auroc_abnormal")),
+            "baseline_test": {k: finite(baseline.get(k)) for k in ("sp", "se", "score", "auroc_abnormal")}
+            if baseline else None,
+            "model_card": str(Path(run_dir) / "MODEL_CARD.md") if (Path(run_dir) / "MODEL_CARD.md").is_file() else None}
 
 
 def recommend(rows: list[dict[str, Any]], global_warnings: Sequence[str] = ()) -> dict[str, Any]:
@@ -145,6 +163,9 @@ def recommend(rows: list[dict[str, Any]], global_warnings: Sequence[str] = ()) -
     def probe_score(r: dict[str, Any]) -> float | None:
         return finite((r.get("probe") or {}).get("score"))
 
+    def block_of(r: dict[str, Any], name: str) -> dict[str, Any]:
+        return ((r.get("finetune") or {}).get("val") or {}) if name == "finetune" else (r.get("probe") or {})
+
     basis, best = "health", None
     for name, getter, label in (("finetune", ft_score, "fine-tune validation Score"),
                                 ("probe", probe_score, "linear-probe validation Score")):
@@ -158,6 +179,13 @@ def recommend(rows: list[dict[str, Any]], global_warnings: Sequence[str] = ()) -
             if len(ties) > 1:
                 reason += (f", tied with epoch(s) {', '.join(str(r['epoch']) for r in ties if r is not best)}; "
                            "tie broken by label-free health (fewer warnings, higher RankMe)")
+            others = sorted((r for r in scored if r not in ties), key=getter, reverse=True)
+            noise = [n for r in (best, *others[:1]) if (n := score_noise(block_of(r, name))) is not None]
+            if others and len(noise) == 2:
+                gap, band = value - getter(others[0]), 1.96 * math.sqrt(noise[0] ** 2 + noise[1] ** 2)
+                if gap < band:
+                    reason += (f"; the next best, epoch {others[0]['epoch']}, is {100 * gap:.1f} points lower, within "
+                               f"noise (±{100 * band:.1f} points on this validation split): either is as good")
             break
     if best is None:
         healthy = [r for r in ok if r.get("rankme") is not None]
@@ -220,6 +248,7 @@ class _ReportBuilder:
         self.run_stats = run_norm_stats(self.checkpoints)
         self.base_emb: np.ndarray | None = None
         self.base_key: str | None = None
+        self.probe_frontend: FrontEndConfig | None = None  # set when a probe ran: its baseline uses the same cycles
 
     def ensure_crops(self, vit_config: Any) -> HealthCrops | None:
         """The crop set, from the cache when it was drawn the same way; None (with a warning) when impossible."""
@@ -294,6 +323,7 @@ class _ReportBuilder:
         if is_base and self.base_key is None:
             self.base_key = key
         if self.probe_set is not None and loaded is not None:
+            self.probe_frontend = FrontEndConfig.for_sample_rate(loaded.vit_config.sample_rate)
             try:
                 row["probe"] = probe_scores(encoder, self.task_data, probe_set=self.probe_set, norm_stats=stats,
                                             device=self.device)
@@ -309,6 +339,32 @@ class _ReportBuilder:
                 row["warnings"].append(f"fine-tune failed: {exc}")
             except Exception as exc:  # a crashed fine-tune is reported on its row, the report goes on
                 row["warnings"].append(f"fine-tune failed: {one_line(exc, limit=300, with_type=True)}")
+
+    def _probe_baseline(self, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """The log-mel baseline on the probe's cycles, and a warning when no checkpoint's probe beats it."""
+        if self.probe_set is None or self.probe_frontend is None:
+            return None
+        try:
+            baseline = probe_baseline(self.task_data, self.probe_set, self.probe_frontend)
+        except DataError as exc:
+            self.warnings.append(f"probe baseline skipped: {exc}")
+            return None
+        scores = [v for r in rows if (v := finite((r.get("probe") or {}).get("score"))) is not None]
+        if scores and max(scores) < baseline["score"]:
+            self.warnings.append(f"no checkpoint's linear probe ({100 * max(scores):.1f}% at best) beats the log-mel "
+                                 f"statistics baseline on the same cycles ({100 * baseline['score']:.1f}%)")
+        return baseline
+
+    def _data_summary(self) -> dict[str, Any]:
+        d = self.recipe.data
+        out: dict[str, Any] = {"training_audio": d.data, "noise": d.noise or None, "noise_ratio": d.noise_ratio,
+                               "health_crops": int(len(self.crops.lms)) if self.crops is not None else 0}
+        if self.task_data is not None:
+            counts = self.task_data.counts()
+            out["task"] = {"name": self.task_data.name, "classes": list(self.task_data.classes),
+                           "counts": {split: {c: int(counts.loc[split, c]) for c in self.task_data.classes}
+                                      for split in counts.index}}
+        return out
 
     def build(self) -> dict[str, Any]:
         slots = collect_slots(self.run_dir, self.recipe, self.ends, self.checkpoints)
@@ -345,6 +401,7 @@ class _ReportBuilder:
             self.warnings.append("no epoch-0 checkpoint (no base and no saved teacher): drift cannot be measured")
         labelled = self.task_data is not None
         recipe = self.recipe
+        baseline = self._probe_baseline(rows)
         report = {
             "kind": self.kind,
             "run_dir": str(self.run_dir),
@@ -357,6 +414,9 @@ class _ReportBuilder:
                        "source": self.crops.source if self.crops is not None else None,
                        "rank_collapse_drop": RANK_COLLAPSE_DROP, "drift_warn_cos": DRIFT_WARN_COS},
             "rows": rows,
+            "probe_baseline": baseline,
+            "chance_score": 0.5 if labelled else None,  # always answering 'normal': Sp 1, Se 0
+            "data_summary": self._data_summary(),
             "recommendation": recommend(rows, self.warnings),
             "warnings": self.warnings,
         }

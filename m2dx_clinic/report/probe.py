@@ -93,6 +93,31 @@ def probe_scores(
     scores = icbhi_scores(labels[~is_train], pred, normal_class=int(task_data.normal_class),
                           num_classes=len(task_data.classes))
     return {"sp": scores["sp"], "se": scores["se"], "score": scores["score"], "accuracy": scores["accuracy"],
-            "n_train": int(is_train.sum()), "n_val": int((~is_train).sum())}
+            "n_train": int(is_train.sum()), "n_val": int((~is_train).sum()), "n_normal": scores["n_normal"],
+            "n_abnormal": scores["n_abnormal"]}
 
 
+def probe_baseline(task_data: Any, probe_set: ProbeSet, frontend: FrontEndConfig, seed: int = 0) -> dict[str, Any]:
+    """The probe's yardstick: the same classifier on log-mel statistics instead of the checkpoint's embeddings.
+
+    Same cycles, same scaler + balanced logistic regression, only the features differ (per-band
+    log-mel mean, std and delta std). A checkpoint whose probe does not beat it has not yet learned
+    more than band energies tell.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from ..evaluation.baseline import logmel_statistics
+
+    lms, labels, is_train = probe_set.arrays(frontend)
+    if not is_train.any() or is_train.all() or len(np.unique(labels[is_train])) < 2:
+        raise DataError("the probe baseline needs two training classes and a validation split")
+    feats = logmel_statistics(lms)
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, class_weight="balanced", random_state=seed))
+    model.fit(feats[is_train], labels[is_train])
+    scores = icbhi_scores(labels[~is_train], model.predict(feats[~is_train]), normal_class=int(task_data.normal_class),
+                          num_classes=len(task_data.classes))
+    return {"sp": scores["sp"], "se": scores["se"], "score": scores["score"], "n_normal": scores["n_normal"],
+            "n_abnormal": scores["n_abnormal"],
+            "method": "per-band log-mel mean / std / delta std -> standardise -> balanced logistic regression"}

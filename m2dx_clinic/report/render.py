@@ -6,13 +6,13 @@ terminal table and plots show Sp / Se / Score in percent.
 
 from __future__ import annotations
 
-import html
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..document import Document, Table
 from ..fileio import atomic_savefig, atomic_write_json, atomic_write_text
 from ..progress import console
 from .health import DRIFT_WARN_COS, RANK_COLLAPSE_DROP
@@ -88,68 +88,90 @@ def render_report_table(report: dict[str, Any]):
     return table
 
 
-def _markdown(report: dict[str, Any], images: list[str]) -> str:
+GLOSSARY = [
+    ("RankMe", "how many independent directions the model uses to describe the recordings. A healthy model keeps "
+               "it high; if it falls far below the base model's, the model has started to describe every "
+               "recording alike (collapse) and will separate classes poorly."),
+    ("EV-AUC", "how concentrated the description is: near 1 means almost everything the model says about a "
+               "recording lies along one direction (little detail); lower means richer descriptions."),
+    ("drift cos", "how similar each recording's description is to the base model's (1 = identical, 0 = unrelated). "
+                  "Some drift is the point of further pre-training; very low values mean what the base learned "
+                  "from AudioSet may be lost."),
+    ("probe Sp / Se / Score", "a quick label check: a simple linear classifier on each checkpoint's descriptions, "
+                              "trained on the training patients and scored on separate validation patients. "
+                              "Sp = normal cycles called normal; Se = abnormal cycles given their exact class; "
+                              "Score = their mean. 50 % is what always answering 'normal' gets."),
+    ("baseline", "the same linear classifier on plain sound-energy statistics of each mel band: what the model has "
+                 "to beat to have learned anything beyond loudness per frequency."),
+]
+
+
+def report_document(report: dict[str, Any], images: list[str]) -> Document:
+    """The report as one Document: the same content as Markdown and as HTML."""
     header, rows = table_rows(report)
     rec = report.get("recommendation") or {}
-
-    def esc(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", " ")
-
-    lines = [f"# Checkpoint report: {report['run_dir']}", "",
-             f"Generated {report['generated_at']} ({report['kind']} report"
-             + (f", task {report['task']}" if report.get("task") else "") + ").", "",
-             "## Recommendation", ""]
+    doc = Document(f"Checkpoint report: {report['run_dir']}")
+    doc.paragraph(f"Generated {report['generated_at']} ({report['kind']} report"
+                  + (f", task {report['task']}" if report.get("task") else "") + ").")
+    doc.heading("Recommendation")
     if rec.get("epoch") is not None:
-        lines.append(f"**Epoch {rec['epoch']}** (`{rec['checkpoint']}`): {rec['reason']}.")
+        doc.paragraph(f"Epoch {rec['epoch']} ({rec['checkpoint']}): {rec['reason']}.")
     else:
-        lines.append(f"No recommendation: {rec.get('reason', '')}.")
-    for w in rec.get("warnings") or []:
-        lines.append(f"- warning: {esc(w)}")
-    lines += ["", "## Checkpoints", "", "Sp / Se / Score in percent (validation split for the probe).", "",
-              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(esc(c) for c in cells) + " |" for cells in rows]
+        doc.paragraph(f"No recommendation: {rec.get('reason', '')}.")
+    doc.warnings(rec.get("warnings") or [])
+    summary = report.get("data_summary") or {}
+    if summary:
+        doc.heading("Data")
+        lines = [f"training audio: {summary.get('training_audio')}",
+                 f"background noise: {summary.get('noise') or 'none'}"
+                 + (f" (mixing ratio {summary.get('noise_ratio')})" if summary.get("noise") else ""),
+                 f"label-free metrics on {summary.get('health_crops', 0)} fixed clean crops of the training audio"]
+        task = summary.get("task")
+        if task:
+            lines.append(f"task {task['name']}: " + "; ".join(
+                f"{split} " + ", ".join(f"{c} {n}" for c, n in counts.items()) for split, counts in task["counts"].items()))
+        doc.bullets(lines)
+    baseline = report.get("probe_baseline")
+    doc.heading("Checkpoints")
+    doc.paragraph("Sp / Se / Score in percent (validation split for the probe)."
+                  + (f" Log-mel statistics baseline on the same cycles: Score {_pct(baseline.get('score'))} "
+                     f"(Sp {_pct(baseline.get('sp'))}, Se {_pct(baseline.get('se'))}); chance (always 'normal'): 50.0."
+                     if baseline else ""))
+    classes = ["rec" if c[-1].startswith("RECOMMENDED") else "err" if "ERROR" in c[-1] else
+               "warn" if "warning" in c[-1] else "" for c in rows]
+    doc.table(Table(header, rows, classes, text_columns=(1, len(header) - 1)))
+    finetuned = [r for r in report.get("rows", []) if r.get("finetune")]
+    if finetuned:
+        doc.heading("Fine-tune results")
+        doc.paragraph("A full fine-tune of each checkpoint (validation selects the epoch; the test split is scored "
+                      "once). Percent; the baseline is log-mel statistics + logistic regression on the same segments.")
+        ft_rows = []
+        for r in finetuned:
+            f = r["finetune"]
+            val, test, base = f.get("val") or {}, f.get("test") or {}, f.get("baseline_test") or {}
+            ft_rows.append([str(r["epoch"]), _pct(val.get("score")), _pct(test.get("sp")), _pct(test.get("se")),
+                            _pct(test.get("score")), _pct(f.get("test_auroc_abnormal")), _pct(base.get("score")),
+                            _pct(base.get("auroc_abnormal")), f.get("model_card") or f.get("run_dir", "")])
+        doc.table(Table(["epoch", "val Score", "test Sp", "test Se", "test Score", "test AUROC", "baseline Score",
+                         "baseline AUROC", "model card"], ft_rows, text_columns=(8,)))
+    doc.heading("What the columns mean")
+    doc.definitions(GLOSSARY)
     if images:
-        lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in images]
-    return "\n".join(lines) + "\n"
+        doc.heading("Plots")
+        for name in images:
+            doc.image(name, _CAPTIONS.get(name, name))
+    if report.get("warnings"):
+        doc.heading("Warnings")
+        doc.warnings(report["warnings"])
+    return doc
 
 
-def _html(report: dict[str, Any], images: list[str]) -> str:
-    header, rows = table_rows(report)
-    rec = report.get("recommendation") or {}
-    e = html.escape
-    parts = [
-        "<!DOCTYPE html>", "<html><head><meta charset='utf-8'>",
-        f"<title>Checkpoint report: {e(report['run_dir'])}</title>",
-        "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;font-size:13px}"
-        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td.t{text-align:left}"
-        "tr.rec{background:#e6f4e6;font-weight:bold}tr.err{background:#fbe3e3}tr.warn{background:#fff6d6}"
-        ".plots{display:flex;flex-wrap:wrap;gap:12px}.plots img{max-width:48%;border:1px solid #ddd}</style>",
-        "</head><body>",
-        f"<h1>Checkpoint report</h1><p><code>{e(report['run_dir'])}</code> &mdash; generated {e(report['generated_at'])}"
-        f" ({e(report['kind'])} report{', task ' + e(str(report['task'])) if report.get('task') else ''})</p>",
-        "<h2>Recommendation</h2>",
-    ]
-    if rec.get("epoch") is not None:
-        parts.append(f"<p><b>Epoch {rec['epoch']}</b> (<code>{e(str(rec['checkpoint']))}</code>): {e(rec['reason'])}.</p>")
-    else:
-        parts.append(f"<p>No recommendation: {e(str(rec.get('reason', '')))}.</p>")
-    if rec.get("warnings"):
-        parts.append("<ul>" + "".join(f"<li>warning: {e(w)}</li>" for w in rec["warnings"]) + "</ul>")
-    parts.append("<h2>Checkpoints</h2><p>Sp / Se / Score in percent (validation split for the probe).</p><table><tr>"
-                 + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
-    for cells in rows:
-        status = cells[-1]
-        cls = "rec" if status.startswith("RECOMMENDED") else "err" if "ERROR" in status else \
-            "warn" if "warning" in status else ""
-        tds = "".join(f"<td class='t'>{e(c)}</td>" if i in (1, len(cells) - 1) else f"<td>{e(c)}</td>"
-                      for i, c in enumerate(cells))
-        parts.append(f"<tr class='{cls}'>{tds}</tr>")
-    parts.append("</table>")
-    if images:
-        parts.append("<h2>Plots</h2><div class='plots'>"
-                     + "".join(f"<img src='{e(name)}' alt='{e(name)}'>" for name in images) + "</div>")
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+_CAPTIONS = {
+    "loss_curves.png": "training losses, learning rate and EMA decay against epochs",
+    "health.png": "label-free health per checkpoint: RankMe (left), drift and variance concentration (right)",
+    "probe.png": "linear-probe validation scores per checkpoint, with the log-mel baseline and chance",
+    "finetune.png": "fine-tune validation scores per checkpoint, with chance",
+}
 
 
 def _save_figure(fig: Any, path: Path) -> Path:
@@ -165,7 +187,7 @@ def _new_figure(ncols: int) -> Any:
 
 
 def plot_loss_curves(metrics: list[dict[str, Any]], path: Path) -> Path | None:
-    """Three panels vs epoch: total / M2D / offline loss (epoch means as markers, logged steps thin), lr, EMA decay."""
+    """Losses vs epoch (epoch means as markers, logged steps thin) on top; lr and EMA decay below."""
     ends = epoch_end_rows(metrics)
     if not ends:
         return None
@@ -177,8 +199,12 @@ def plot_loss_curves(metrics: list[dict[str, Any]], path: Path) -> Path | None:
     def step_x(rows: list[dict[str, Any]]) -> np.ndarray:
         return np.interp([float(r["opt_step"]) for r in rows], anchor_steps, anchor_epochs)
 
-    fig = _new_figure(3)
-    ax_loss, ax_lr, ax_ema = fig.subplots(1, 3)
+    from matplotlib.figure import Figure
+
+    # the losses full width on top, the two schedules below: readable at 100 % zoom in a 1,100-px page
+    fig = Figure(figsize=(10.0, 7.6), layout="constrained")
+    grid = fig.add_gridspec(2, 2, height_ratios=[1.4, 1.0])
+    ax_loss, ax_lr, ax_ema = fig.add_subplot(grid[0, :]), fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])
     for key, label, color in (("loss", "total loss", "C0"), ("loss_m2d", "M2D loss", "C1"),
                               ("loss_offline", "offline loss", "C2")):
         xs = [e for e in epochs if finite(ends[e].get(key)) is not None]
@@ -271,6 +297,11 @@ def plot_scores(report: dict[str, Any], path: Path, which: str) -> Path | None:
     chosen = (report.get("recommendation") or {}).get("epoch")
     if chosen in xs:
         ax.axvline(chosen, color="grey", linestyle=":", label=f"recommended (epoch {chosen})")
+    ax.axhline(50.0, color="black", linestyle=":", linewidth=1, label="chance Score (always 'normal')")
+    baseline = report.get("probe_baseline") if which == "probe" else None
+    if baseline and finite(baseline.get("score")) is not None:
+        ax.axhline(100 * baseline["score"], color="C3", linestyle="--", linewidth=1.5,
+                   label=f"log-mel baseline Score ({100 * baseline['score']:.1f})")
     name = "Linear probe" if which == "probe" else "Fine-tune"
     ax.set_title(f"{name}: validation scores per checkpoint")
     ax.set_xlabel("checkpoint epoch (0 = base)")
@@ -298,10 +329,11 @@ def write_report_files(report: dict[str, Any], report_dir: Path, metrics: list[d
             report.setdefault("warnings", []).append(f"plot {name} failed: {type(exc).__name__}: {exc}")
             console.print(f"[yellow]warning: plot {name} failed: {exc}[/]")
     report["files"] = ["report.json", "report.md", "report.html", *images]
+    document = report_document(report, images)
     written = {
         "json": atomic_write_json(report_dir / "report.json", report),
-        "md": atomic_write_text(report_dir / "report.md", _markdown(report, images)),
-        "html": atomic_write_text(report_dir / "report.html", _html(report, images)),
+        "md": atomic_write_text(report_dir / "report.md", document.markdown()),
+        "html": atomic_write_text(report_dir / "report.html", document.html()),
     }
     for name in images:
         written[name] = report_dir / name

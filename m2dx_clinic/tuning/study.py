@@ -28,6 +28,7 @@ from typing import Any
 import optuna
 
 from ..config import dump_toml, load_recipe, to_overrides
+from ..evaluation.checks import warn_identical
 from ..data.task_data import TaskData
 from ..data.tasks import load_task
 from ..errors import ConfigError, M2DXError, one_line
@@ -40,6 +41,13 @@ from ..rundir import fresh_dir
 from .space import Param, assert_validation_only, load_search_space, params_to_tables, parse_duration, suggest
 
 PRUNERS = ("auto", "median", "hyperband", "wilcoxon", "none")
+
+
+def metric_text(metric: str, value: float | None) -> str:
+    """One unit everywhere: scores in percent, the loss as a plain number."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{value:.4f}" if metric == "loss" else f"{100 * value:.2f}%"
 
 
 @dataclass
@@ -109,7 +117,7 @@ class _Objective:
                 if _report:
                     trial.report(value, int(epoch))
                     if trial.should_prune():
-                        raise optuna.TrialPruned(f"pruned at epoch {epoch} ({metric} {value:.4f})")
+                        raise optuna.TrialPruned(f"pruned at epoch {epoch} ({metric} {metric_text(metric, value)})")
 
             score_test = False  # the one place trials call finetune: the test split stays unseen
             result = finetune(recipe, task=job.task, data=job.data, checkpoint=job.checkpoint,
@@ -123,7 +131,7 @@ class _Objective:
             if not self.per_epoch and job.repeats > 1:
                 trial.report(value, i)
                 if trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned after seed {i} ({metric} {value:.4f})")
+                    raise optuna.TrialPruned(f"pruned after seed {i} ({metric} {metric_text(metric, value)})")
         return sum(scores) / len(scores)
 
 
@@ -144,6 +152,7 @@ class TuneResult:
     n_failed: int
     final: FinetuneResult | None = None
     best_trial: int | None = None
+    metric: str = "score"
 
 
 
@@ -242,8 +251,12 @@ def _short_params(params: dict[str, Any], limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _save_plots(study: optuna.Study, out: Path) -> list[str]:
-    """optimization_history.png and param_importances.png; a plot that cannot be made is a warning, not a crash."""
+def _save_plots(study: optuna.Study, out: Path, min_for_importance: int) -> list[str]:
+    """optimization_history.png and param_importances.png; a plot that cannot be made is a warning, not a crash.
+
+    Importances are estimated from the complete trials; with fewer than `min_for_importance` (or when
+    every trial scored the same) they are noise, so the plot is left out and the summary says why.
+    """
     problems = []
     try:
         if "matplotlib.pyplot" not in sys.modules:
@@ -255,11 +268,19 @@ def _save_plots(study: optuna.Study, out: Path) -> list[str]:
     except Exception as exc:
         return [f"plots skipped: matplotlib unavailable ({one_line(exc, limit=500, with_type=True)})"]
     n_complete = _counts(study)["complete"]
+    values = [t.value for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+    identical = len(values) >= 2 and max(values) - min(values) < 1e-12
+    (out / "param_importances.png").unlink(missing_ok=True)  # never leave an earlier, now misleading plot
     jobs = [("optimization_history.png", ovm.plot_optimization_history, 1),
-            ("param_importances.png", ovm.plot_param_importances, 2)]
+            ("param_importances.png", ovm.plot_param_importances, min_for_importance)]
     for name, plot, needed in jobs:
         if n_complete < needed:
-            problems.append(f"{name} skipped: needs at least {needed} complete trial(s), have {n_complete}")
+            problems.append(f"{name} skipped: parameter importances need at least {needed} complete trials, "
+                            f"have {n_complete}" if name.startswith("param") else
+                            f"{name} skipped: needs at least {needed} complete trial(s), have {n_complete}")
+            continue
+        if identical and name.startswith("param"):
+            problems.append(f"{name} skipped: every complete trial scored the same, so no parameter mattered")
             continue
         try:
             with warnings.catch_warnings():
@@ -299,7 +320,8 @@ def _print_summary(result: TuneResult, final_info: dict[str, Any] | None, warnin
     table.add_column("what", style="bold")
     table.add_column("value")
     table.add_row("trials", f"{result.n_complete} complete, {result.n_pruned} pruned, {result.n_failed} failed")
-    best = "-" if result.best_value is None else f"{result.best_value:.4f} (trial {result.best_trial})"
+    best = "-" if result.best_value is None else \
+        f"{metric_text(result.metric, result.best_value)} (trial {result.best_trial})"
     table.add_row("best validation", best)
     for key, value in result.best_params.items():
         table.add_row(f"  {key}", f"{value:.4g}" if isinstance(value, float) else str(value))
@@ -432,12 +454,13 @@ def run_search(job: TuneJob) -> optuna.Study:
         best = _best(study)
         if best is None:
             return "best -"
-        return f"best {best.value:.4f} #{best.number} {_short_params(best.params)}"
+        return f"best {metric_text(settings.metric, best.value)} #{best.number} {_short_params(best.params)}"
 
     def on_epoch(number: int, seed_index: int, epoch: int, value: float) -> None:
         if task_id is not None:
             seed = f" seed {seed_index}" if job.repeats > 1 else ""
-            bar.update(task_id, status=f"#{number}{seed} ep {epoch} {settings.metric} {value:.3f} | {state['best']}")
+            bar.update(task_id, status=f"#{number}{seed} ep {epoch} {settings.metric} "
+                                       f"{metric_text(settings.metric, value)} | {state['best']}")
 
     def after_trial(st: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state == optuna.trial.TrialState.FAIL:
@@ -481,13 +504,16 @@ def finish_search(job: TuneJob, study: optuna.Study) -> TuneResult:
                         best_value=None if best is None else float(best.value),
                         best_params={} if best is None else dict(best.params),
                         n_complete=counts["complete"], n_pruned=counts["pruned"], n_failed=counts["failed"],
-                        best_trial=None if best is None else best.number)
+                        best_trial=None if best is None else best.number, metric=settings.metric)
     if best is not None:
         header = (f"best parameters of study {job.study_name!r} (trial {best.number}, validation {settings.metric} "
-                  f"{best.value:.4f})\nfine-tune recipe: {settings.finetune_recipe}\n"
+                  f"{metric_text(settings.metric, best.value)})\nfine-tune recipe: {settings.finetune_recipe}\n"
                   f"use: m2dx finetune --recipe {Path(str(settings.finetune_recipe)).stem} --params best.toml")
         atomic_write_text(out_dir / "best.toml", dump_toml(params_to_tables(best.params, job.overrides), header))
-        notes.extend(_save_plots(study, out_dir))
+        notes.extend(_save_plots(study, out_dir, settings.min_trials_for_importance))
+        complete = [t.value for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+        notes.extend(warn_identical(complete, f"complete trial's validation {settings.metric}",
+                                    lambda v: metric_text(settings.metric, v)))
 
     final: FinetuneResult | None = None
     final_dir = out_dir / "final"

@@ -1,0 +1,252 @@
+"""Classifying new recordings with a fine-tuned classifier: the library behind `m2dx predict`.
+
+The end of the journey: a team fine-tuned in order to use the model. Each recording is cut into
+segments (its ICBHI-style annotation `.txt`, the start/end of a CSV manifest, or sliding windows of
+the model's segment length), every segment goes through exactly the training path (read at the
+model's rate, fitted to the segment length with the training padding, the same log-mel, per-sample
+normalisation with the encoder's statistics) and the classifier; a run folder with several repeats
+averages their probabilities. The operating point chosen on validation flags abnormal segments.
+
+One bad file never costs the batch: it is named in one line, every other recording is written.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .audio import audio_info, list_audio_files
+from .checkpoint.classifier import LoadedClassifier, classifier_files, find_classifier, load_classifier
+from .data.icbhi import read_annotation
+from .data.segment_cache import prepare_segments, readable_rows
+from .data.segments import Segment, read_manifest
+from .errors import AudioError, CheckpointError, ConfigError, DataError, M2DXError
+from .fileio import atomic_write_csv, atomic_write_json
+from .progress import make_progress
+from .runtime import pick_device
+
+SegmentMode = Literal["auto", "annotations", "window"]
+MIN_WINDOW_FRACTION = 0.5  # a last, partial window shorter than this fraction of a window is dropped
+
+
+@dataclass
+class ModelSet:
+    """The classifier(s) to apply: one file, or every repeat of a run (averaged), with one operating point."""
+
+    members: list[LoadedClassifier]
+    operating_point: dict[str, Any] | None
+    source: str
+
+    @property
+    def first(self) -> LoadedClassifier:
+        return self.members[0]
+
+
+def load_model_set(model: str | Path, *, repeat: int | None = None) -> ModelSet:
+    """`model` is a classifier file or a fine-tuning run folder (all repeats averaged, or `repeat` K)."""
+    path = Path(model).expanduser()
+    if path.is_file() or repeat is not None:
+        member = load_classifier(find_classifier(path, repeat))
+        return ModelSet([member], member.operating_point, str(member.path))
+    find_classifier(path)  # a folder that is not a fine-tuning run: one clear line
+    members = [load_classifier(f) for f in classifier_files(path)]
+    for other in members[1:]:
+        if (other.classes, other.frontend, other.segment_seconds, other.pad) != \
+                (members[0].classes, members[0].frontend, members[0].segment_seconds, members[0].pad):
+            raise CheckpointError(f"{other.path}: another class list, front-end or segment rule than "
+                                  f"{members[0].path}; a run's repeats must agree (pass one with --repeat)")
+    point = members[0].operating_point
+    if len(members) > 1:  # the ensemble's own point, chosen on its averaged validation probabilities
+        try:
+            point = json.loads((path / "metrics.json").read_text(encoding="utf-8"))["ensemble"]["operating_point"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{path}: metrics.json is missing or damaged, so the ensemble's operating point "
+                                  "is unknown; pass one repeat with --repeat") from None
+    return ModelSet(members, point, str(path))
+
+
+# ---------------------------------------------------------------------------- what to classify
+@dataclass
+class Recording:
+    """One input audio file and the segments a CSV manifest gave for it (empty: decide per mode)."""
+
+    path: Path
+    ranges: list[tuple[float | None, float | None]] = field(default_factory=list)
+
+
+def collect_inputs(inputs: Sequence[str | Path]) -> tuple[list[Recording], list[tuple[str, str]]]:
+    """Files, folders (recursive) and CSV manifests (`path[,start,end]`) -> recordings, in input order."""
+    out: dict[Path, Recording] = {}
+    failed: list[tuple[str, str]] = []
+    for item in inputs:
+        item = Path(item).expanduser()
+        if item.is_dir():
+            files = list_audio_files(item)
+            if not files:
+                failed.append((str(item), "the folder holds no audio files (.wav/.flac/.ogg/.mp3/.aiff)"))
+            for f in files:
+                out.setdefault(f, Recording(f))
+        elif item.suffix.lower() == ".csv" and item.is_file():
+            for seg in read_manifest(item).segments:
+                rec = out.setdefault(seg.path, Recording(seg.path))
+                if seg.start is not None or seg.end is not None:
+                    rec.ranges.append((seg.start, seg.end))
+        else:
+            out.setdefault(item, Recording(item))
+    return list(out.values()), failed
+
+
+def plan_segments(recording: Recording, duration: float, *, mode: SegmentMode, window: float,
+                  hop: float) -> tuple[list[tuple[float, float | None]], str]:
+    """The (start, end) seconds to classify and where they came from: annotations, csv or window."""
+    annotation = recording.path.with_suffix(".txt")
+    if mode in ("auto", "annotations") and not recording.ranges and annotation.is_file():
+        return [(start, end) for start, end, _, _ in read_annotation(annotation)], "annotations"
+    if mode == "annotations":
+        raise DataError(f"{recording.path}: no annotation file {annotation.name} beside it; "
+                        "use --segments window (or auto)")
+    if mode == "auto" and recording.ranges:
+        return [(start or 0.0, end) for start, end in recording.ranges], "csv"
+    starts = [0.0]
+    while starts[-1] + hop < duration - 1e-9:
+        starts.append(starts[-1] + hop)
+    kept = [s for i, s in enumerate(starts) if i == 0 or duration - s >= MIN_WINDOW_FRACTION * window]
+    return [(s, min(s + window, duration)) for s in kept], "window"
+
+
+# ---------------------------------------------------------------------------- applying the model
+@torch.inference_mode()
+def probabilities(models: ModelSet, lms: torch.Tensor, *, device: torch.device, batch_size: int) -> np.ndarray:
+    """Mean class probabilities [N, K] of the model set on raw log-mel [N, n_mels, frames] (per-sample normalised)."""
+    total = None
+    for member in models.members:
+        model = member.model.to(device).eval()
+        chunks = []
+        for start in range(0, lms.shape[0], batch_size):
+            x = model.encoder.normalize(lms[start:start + batch_size].to(device)).unsqueeze(1)
+            chunks.append(F.softmax(model(x).float(), dim=-1).cpu().double())
+        probs = torch.cat(chunks).numpy() if chunks else np.zeros((0, len(member.classes)))
+        total = probs if total is None else total + probs
+    return total / len(models.members)
+
+
+@dataclass
+class PredictResult:
+    out_dir: Path
+    segments: pd.DataFrame
+    recordings: pd.DataFrame
+    failed: list[tuple[str, str]]
+    summary: dict[str, Any]
+
+
+def predict(
+    model: str | Path,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    segments: SegmentMode = "auto",
+    window_seconds: float | None = None,
+    hop_seconds: float | None = None,
+    repeat: int | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    progress: bool = True,
+) -> PredictResult:
+    """Classify every input recording and write segments.csv, recordings.csv and summary.json to `out_dir`."""
+    if segments not in ("auto", "annotations", "window"):
+        raise ConfigError(f"--segments {segments!r}: use auto, annotations or window")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    models = load_model_set(model, repeat=repeat)
+    head = models.first
+    window = float(window_seconds) if window_seconds is not None else head.segment_seconds
+    hop = float(hop_seconds) if hop_seconds is not None else window
+    if not (window > 0 and hop > 0 and math.isfinite(window) and math.isfinite(hop)):
+        raise ConfigError(f"--window-seconds and --hop-seconds must be positive numbers, got {window} / {hop}")
+    dev = pick_device(device)
+    frontend = head.frontend
+    classes, normal = head.classes, head.normal_index
+    threshold = models.operating_point["threshold"] if models.operating_point else None
+    recordings, failed = collect_inputs(inputs)
+    min_seconds = (frontend.n_fft // 2 + 1) / frontend.sample_rate
+
+    seg_rows: list[dict[str, Any]] = []
+    rec_rows: list[dict[str, Any]] = []
+    modes: dict[str, str] = {}
+    audio_seconds, t0 = 0.0, time.perf_counter()
+    with make_progress(show=progress and bool(recordings)) as bar:
+        task = bar.add_task("classifying", total=len(recordings), status="")
+        for index, rec in enumerate(recordings):
+            try:
+                _rate, duration = audio_info(rec.path)
+                if duration < min_seconds:
+                    raise AudioError(rec.path, f"too short ({duration * 1000:.1f} ms; at least "
+                                               f"{min_seconds * 1000:.1f} ms); remove it or record longer")
+                plan, source = plan_segments(rec, duration, mode=segments, window=window, hop=hop)
+                items = [Segment(rec.path, start=s, end=e, item_id=f"{rec.path.stem}#{i:03d}")
+                         for i, (s, e) in enumerate(plan)]
+                problems: list[str] = []
+                lms = prepare_segments(items, frontend=frontend, length_s=head.segment_seconds, pad=head.pad,
+                                       cache_dir=None, problems=problems, remember=False)
+                keep = readable_rows(lms).numpy()
+                if not keep.any():
+                    raise AudioError(rec.path, problems[0].split(": ", 1)[-1] if problems else "no readable segment")
+                probs = probabilities(models, lms[torch.from_numpy(keep)], device=dev, batch_size=batch_size)
+            except M2DXError as exc:
+                failed.append((str(rec.path), str(exc).removeprefix(f"{rec.path}: ")))
+                bar.advance(task)
+                continue
+            modes[str(rec.path)] = source
+            audio_seconds += duration
+            abnormal_p = 1.0 - probs[:, normal]
+            flags = abnormal_p >= threshold if threshold is not None else probs.argmax(axis=1) != normal
+            kept_items = [it for it, k in zip(items, keep) if k]
+            for it, p, pa, flag in zip(kept_items, probs, abnormal_p, flags):
+                seg_rows.append({"recording": str(rec.path), "segment": int(it.item_id.rsplit("#", 1)[1]),
+                                 "start": it.start, "end": it.end if it.end is not None else duration,
+                                 "source": source, **{f"prob_{c}": float(v) for c, v in zip(classes, p)},
+                                 "predicted": classes[int(p.argmax())], "p_abnormal": float(pa),
+                                 "abnormal": bool(flag)})
+            mean = probs.mean(axis=0)
+            rec_rows.append({"recording": str(rec.path), "segments": int(len(probs)), "source": source,
+                             "duration_s": duration, **{f"mean_prob_{c}": float(v) for c, v in zip(classes, mean)},
+                             "abnormal_fraction": float(np.mean(flags)), "max_p_abnormal": float(abnormal_p.max()),
+                             "predicted": classes[int(mean.argmax())],
+                             "skipped_segments": int((~keep).sum())})
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            bar.update(task, advance=1, status=f"{(index + 1) / elapsed:.1f} rec/s, {audio_seconds / elapsed:.0f}x real time")
+    elapsed = time.perf_counter() - t0
+    out_dir = Path(out_dir)
+    seg_frame, rec_frame = pd.DataFrame(seg_rows), pd.DataFrame(rec_rows)
+    atomic_write_csv(out_dir / "segments.csv", seg_frame)
+    atomic_write_csv(out_dir / "recordings.csv", rec_frame)
+    summary = {
+        "model": models.source,
+        "classifier_files": [str(m.path) for m in models.members],
+        "ensemble": len(models.members) > 1,
+        "classes": classes, "normal_class": classes[normal],
+        "operating_point": models.operating_point,
+        "abnormal_rule": f"P(abnormal) >= {threshold:.6g}" if threshold is not None else "most probable class is not normal",
+        "segments_mode": segments, "window_seconds": window, "hop_seconds": hop,
+        "segment_rule": head.meta.get("segment"), "segment_sources": modes,
+        "recordings": len(rec_rows), "segments": len(seg_rows),
+        "failed": [{"path": p, "problem": why} for p, why in failed],
+        "audio_seconds": audio_seconds, "seconds": elapsed,
+        "recordings_per_s": len(rec_rows) / elapsed if elapsed > 0 else None,
+        "real_time_factor": audio_seconds / elapsed if elapsed > 0 else None,
+        "device": str(dev), "package_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_json(out_dir / "summary.json", summary)
+    return PredictResult(out_dir, seg_frame, rec_frame, failed, summary)
