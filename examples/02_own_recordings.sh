@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# 2. Bring your own recordings: further-pretrain -> report -> tune -> finetune on YOUR data.
+# 2. Bring your own recordings: further-pretrain -> report -> tune -> finetune -> predict on YOUR data.
 #
 # Layout. Either a folder of audio (wav/flac/ogg/mp3, any rate, any channels; searched recursively) for
 # pre-training, plus a CSV of labels for fine-tuning, e.g. my_labels.csv:
@@ -36,4 +36,7 @@ CKPT=$(ls "$WORK"/pretrain/m2d_*/checkpoint-4.pth)
 $M2DX tune --task csv --data "$LABELS" --normal-class normal --checkpoint "$CKPT" --recipe tiny_tune --trials 4 --out "$WORK/tune"
 $M2DX finetune --task csv --data "$LABELS" --normal-class normal --checkpoint "$CKPT" --recipe tiny_finetune \
     --params "$WORK/tune/best.toml" --repeats 2 --out "$WORK/finetune"
-echo "results: $WORK/finetune/metrics.json (and predictions.csv), report: $WORK/pretrain/report/report.html"
+# Use the classifier on recordings (here: the demo's own; the test patients were never trained on):
+$M2DX predict --model "$WORK/finetune" "$DATA" --out "$WORK/predictions"
+echo "results: $WORK/finetune/metrics.json (model next to baseline and chance), $WORK/finetune/MODEL_CARD.md"
+echo "predictions: $WORK/predictions/recordings.csv, report: $WORK/pretrain/report/report.html"

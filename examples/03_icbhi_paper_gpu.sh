@@ -33,3 +33,6 @@ for EPOCH in 300 600; do
 done
 # The AudioSet-only baseline (paper: Score 61.93):
 $M2DX finetune --task icbhi --data "$ICBHI" --checkpoint m2d_vit_base-80x200p16x4-230529 --repeats 5 --out runs/icbhi_ft_base
+# Use it: classify new recordings with the 5 repeats averaged, or export it for another runtime.
+$M2DX predict --model runs/icbhi_ft_600 new_recordings/ --out predictions/
+$M2DX export --model runs/icbhi_ft_600 --format onnx --out icbhi_m2dx.onnx

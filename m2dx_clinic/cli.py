@@ -19,18 +19,46 @@ app = typer.Typer(
     name="m2dx",
     help=(
         "Turn a small collection of body sounds into a strong classifier with M2D / M2D-X.\n\n"
-        "Journey: further-pretrain -> finetune (or tune) -> report.  Try: m2dx quickstart"
+        "Journey: further-pretrain -> report -> tune -> finetune -> predict.  Try: m2dx quickstart"
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
 weights_app = typer.Typer(help="Published M2D checkpoints: list and download.", no_args_is_help=True)
-data_app = typer.Typer(help="Data sets: download and inspect.", no_args_is_help=True)
+data_app = typer.Typer(help=(
+    "Data sets: download, inspect, and export as a CSV manifest.\n\n"
+    "A manifest has the columns path,label,subject[,split,start,end]: one row per recording or segment "
+    "(start/end in seconds), paths relative to the CSV; --task csv and further-pretrain --data read it."),
+    no_args_is_help=True)
+cache_app = typer.Typer(help="The decoded-audio cache (log-mels of recordings and segments): size and cleaning.",
+                        no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
 app.add_typer(data_app, name="data")
+app.add_typer(cache_app, name="cache")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"m2dx_clinic {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the package version and exit.")) -> None:
+    """Turn a small collection of body sounds into a strong classifier with M2D / M2D-X."""
 
 SET_HELP = "Override any recipe key, e.g. --set optim.epochs=300 (repeatable)."
+TASK_HELP = "icbhi | sprsound | csv"
+DATA_HELP = ("ICBHI or SPRSound folder, or for --task csv a CSV with columns path,label[,subject,split,start,end] "
+             "(start/end in seconds; paths relative to the CSV).")
+CHECKPOINT_HELP = "Checkpoint: a published name (m2dx weights list), a checkpoint folder or a .pth file."
+NORMAL_HELP = "The class counted for Specificity (default: a class called normal)."
+DEVICE_HELP = "auto (CUDA when present) | cpu | cuda | cuda:N"
+OUT_HELP = "Run directory (default runs/<recipe>-<time>)."
 
 
 def _console():
@@ -88,12 +116,12 @@ def further_pretrain_cmd(
 def pretrain_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help="Training audio: folder or CSV (with `label` for the labels task)."),
     recipe: str = typer.Option("audioset_m2d", "--recipe", "-r", help="Recipe name or TOML path."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o"),
-    resume: Optional[Path] = typer.Option(None, "--resume"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help=OUT_HELP),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory from its last save."),
     nproc: int = typer.Option(1, "--nproc", help="Processes (GPUs) on this machine; >1 launches torchrun (DDP)."),
-    device: Optional[str] = typer.Option(None, "--device"),
-    epochs: Optional[int] = typer.Option(None),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps"),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Number of epochs (overrides the recipe)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimiser steps (smoke runs)."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Pre-train M2D from scratch (the AudioSet recipe), on one or several GPUs through torchrun.
@@ -108,7 +136,7 @@ def pretrain_cmd(
 
     extra = {"data.data": str(data) if data else None, "run.out": str(out) if out else None,
              "run.device": device, "optim.epochs": epochs, "run.max_steps": max_steps}
-    run_dir = pretrain.start_or_resume(recipe, resume, _overrides(extra, sets))
+    run_dir = pretrain.start_or_resume(recipe, resume, _overrides(extra, sets), command="m2dx pretrain")
     if int(os.environ.get("RANK", "0")) == 0:
         _console().print(f"[green]done[/]: {run_dir}")
 
@@ -132,15 +160,15 @@ def finetune_cmd(
     task: str = typer.Option("icbhi", "--task", help="icbhi | sprsound | csv"),
     data: Path = typer.Option(..., "--data", help="ICBHI / SPRSound folder, or a CSV manifest for --task csv."),
     checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="Checkpoint: published name, folder or .pth."),
-    recipe: str = typer.Option("icbhi_finetune", "--recipe", "-r"),
+    recipe: str = typer.Option("icbhi_finetune", "--recipe", "-r", help="Fine-tuning recipe name in recipes/ or a TOML path."),
     params: Optional[Path] = typer.Option(None, "--params", help="best.toml from `m2dx tune`."),
     normal_class: Optional[str] = typer.Option(None, "--normal-class", help="Class counted for Specificity."),
     repeats: Optional[int] = typer.Option(None, "--repeats", help="Independent runs; reports mean ± 95% CI."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the first repeat (repeat k uses seed + k)."),
     selection: Optional[str] = typer.Option(None, "--selection", help="val (default) | test-best (literature protocol, optimistic)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs"),
-    device: Optional[str] = typer.Option(None, "--device"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Number of epochs (overrides the recipe)."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help=OUT_HELP),
     sets: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Fine-tune and report ICBHI-style Sensitivity / Specificity / Score.
@@ -163,9 +191,9 @@ def finetune_cmd(
 
 @app.command("tune")
 def tune_cmd(
-    task: str = typer.Option("icbhi", "--task"),
-    data: Path = typer.Option(..., "--data"),
-    checkpoint: str = typer.Option(..., "--checkpoint", "-c"),
+    task: str = typer.Option("icbhi", "--task", help=TASK_HELP),
+    data: Path = typer.Option(..., "--data", help=DATA_HELP),
+    checkpoint: str = typer.Option(..., "--checkpoint", "-c", help=CHECKPOINT_HELP),
     recipe: str = typer.Option("icbhi_tune", "--recipe", "-r", help="Tune recipe (search space) name or TOML path; `tiny` = tiny_tune."),
     trials: Optional[int] = typer.Option(None, "--trials", help="Target number of finished trials in the study."),
     timeout: Optional[str] = typer.Option(None, "--timeout", help="Wall-clock limit of this invocation, e.g. 8h, 30m, 3600."),
@@ -173,8 +201,8 @@ def tune_cmd(
     study: Optional[str] = typer.Option(None, "--study", help="Study name (default from the task and recipe)."),
     repeats: Optional[int] = typer.Option(None, "--repeats", help="Seeds per trial (averaged)."),
     pruner: Optional[str] = typer.Option(None, "--pruner", help="median | hyperband | wilcoxon | none"),
-    normal_class: Optional[str] = typer.Option(None, "--normal-class"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o"),
+    normal_class: Optional[str] = typer.Option(None, "--normal-class", help=NORMAL_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder of the search (default runs/tune-<task>-<recipe>)."),
     no_final_test: bool = typer.Option(False, "--no-final-test", help="Skip the final test-split run with the best parameters."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Override fine-tuning recipe keys for every trial."),
 ) -> None:
@@ -196,11 +224,11 @@ def tune_cmd(
 def report_cmd(
     run_dir: Path = typer.Argument(..., help="A further-pretrain run directory."),
     task: Optional[str] = typer.Option(None, "--task", help="Labelled task for --probe / --finetune."),
-    data: Optional[Path] = typer.Option(None, "--data"),
+    data: Optional[Path] = typer.Option(None, "--data", help=DATA_HELP),
     probe: bool = typer.Option(False, "--probe", help="Linear probe per checkpoint (validation Sp/Se/Score)."),
     finetune: bool = typer.Option(False, "--finetune", help="Full fine-tune per checkpoint (slow; the paper's Fig. 5 view)."),
-    finetune_recipe: str = typer.Option("tiny_finetune", "--finetune-recipe"),
-    normal_class: Optional[str] = typer.Option(None, "--normal-class"),
+    finetune_recipe: str = typer.Option("tiny_finetune", "--finetune-recipe", help="Fine-tuning recipe for --finetune (name or TOML path)."),
+    normal_class: Optional[str] = typer.Option(None, "--normal-class", help=NORMAL_HELP),
 ) -> None:
     """Report how every checkpoint of a run is doing, and recommend one.
 
@@ -213,10 +241,8 @@ def report_cmd(
         raise ConfigError("--probe and --finetune need --task and --data (the labelled data to score on)")
     report = build_report(run_dir, task=task, data=data, probe=probe, finetune=finetune,
                           finetune_recipe=finetune_recipe, normal_class=normal_class)
-    console.print(render_report_table(report))
+    console.print(render_report_table(report))  # its caption states the recommendation
     rec = report.get("recommendation") or {}
-    if rec.get("epoch") is not None:
-        console.print(f"recommended: epoch {rec['epoch']} ({rec.get('checkpoint')}): {rec.get('reason')}")
     for warning in rec.get("warnings", []):
         console.print(f"[yellow]warning: {warning}[/]")
     console.print(f"[green]report[/]: {Path(run_dir) / 'report' / 'report.html'}")
@@ -226,10 +252,10 @@ def report_cmd(
 @app.command("embed")
 def embed_cmd(
     inputs: list[Path] = typer.Argument(..., help="Audio files or folders."),
-    checkpoint: str = typer.Option(..., "--checkpoint", "-c"),
+    checkpoint: str = typer.Option(..., "--checkpoint", "-c", help=CHECKPOINT_HELP + " A classifier file from m2dx finetune works too."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder for <stem>.npy files."),
     clip: bool = typer.Option(False, "--clip", help="One clip embedding [F*D] per file instead of frames [T, F*D]."),
-    device: str = typer.Option("cpu", "--device"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Write M2D features of audio files as .npy (frames, or one clip vector with --clip).
 
@@ -261,6 +287,7 @@ def predict_cmd(
     ensemble: bool = typer.Option(False, "--ensemble", help="Average every repeat of the run folder (the default for a run folder)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Segments per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present) | cpu | cuda | cuda:N"),
+    amp: str = typer.Option("off", "--amp", help="off (fp32) | auto | bf16: mixed precision (GPUs; CPUs with bf16 units)."),
 ) -> None:
     """Classify new recordings with a fine-tuned classifier: one row per segment and per recording.
 
@@ -271,7 +298,7 @@ def predict_cmd(
     if ensemble and repeat is not None:
         raise ConfigError("--ensemble averages every repeat and --repeat picks one; pass only one of them")
     result = predict(model, inputs, out, segments=segments, window_seconds=window_seconds, hop_seconds=hop_seconds,
-                     repeat=repeat, batch_size=batch_size, device=device)
+                     repeat=repeat, batch_size=batch_size, device=device, amp=amp)
     s = result.summary
     _console().print(f"classified {s['recordings']} recording(s), {s['segments']} segment(s) with "
                      f"{len(s['classifier_files'])} classifier file(s); abnormal when {s['abnormal_rule']}")
@@ -370,8 +397,8 @@ def data_download_cmd(
 @data_app.command("inspect")
 def data_inspect_cmd(
     task: str = typer.Option("icbhi", "--task", help="icbhi | sprsound | csv"),
-    data: Path = typer.Option(..., "--data"),
-    normal_class: Optional[str] = typer.Option(None, "--normal-class"),
+    data: Path = typer.Option(..., "--data", help=DATA_HELP),
+    normal_class: Optional[str] = typer.Option(None, "--normal-class", help=NORMAL_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts instead of tables."),
 ) -> None:
     """Recordings, subjects, cycles per class per split, durations, sample rates, missing audio.
@@ -393,7 +420,7 @@ def data_inspect_cmd(
 @data_app.command("export")
 def data_export_cmd(
     task: str = typer.Option("icbhi", "--task", help="icbhi | sprsound | csv"),
-    data: Path = typer.Option(..., "--data"),
+    data: Path = typer.Option(..., "--data", help=DATA_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="CSV file to write."),
     split: Optional[list[str]] = typer.Option(None, "--split", help="Only these splits (train / test); repeatable."),
     recordings: bool = typer.Option(False, "--recordings", help="One row per audio file (a further-pretrain manifest)."),
@@ -408,6 +435,56 @@ def data_export_cmd(
     td = load_task(task, data)
     path = export_manifest(td, out, splits=split or ("train", "val", "test"), recordings=recordings)
     _console().print(f"[green]wrote[/] {path}")
+
+
+# ----------------------------------------------------------------------------- cache
+CACHE_DIR_HELP = "The cache folder (default <data root>/cache; a run's data.cache_dir, e.g. m2dx_quickstart/cache)."
+
+
+@cache_app.command("info")
+def cache_info_cmd(
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Data root (default $M2DX_DATA or ~/.cache/m2dx/data)."),
+) -> None:
+    """Where the cache is and how big it is.
+
+    Example: m2dx cache info
+    """
+    from .data.corpora import cache_root, cache_summary
+
+    info = cache_summary(cache_root(cache_dir, data_root))
+    console = _console()
+    console.print(f"cache: {info['root']}" + ("" if info["exists"] else " (not created yet)"))
+    for name, kind in info["kinds"].items():
+        console.print(f"  {name:<7} {kind['entries']:>7} entries  {_size(kind['bytes']):>9}  {kind['what']}")
+    console.print(f"  total   {info['entries']:>7} entries  {_size(info['bytes']):>9}")
+
+
+@cache_app.command("clean")
+def cache_clean_cmd(
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Data root (default $M2DX_DATA or ~/.cache/m2dx/data)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+) -> None:
+    """Empty the cache (everything in it is recomputed from the audio when needed).
+
+    Example: m2dx cache clean --yes
+    """
+    from .data.corpora import cache_root, cache_summary, clean_cache
+
+    root = cache_root(cache_dir, data_root)
+    info = cache_summary(root)
+    if not yes and not typer.confirm(f"delete {info['entries']} cache entries ({_size(info['bytes'])}) in {root}?"):
+        raise typer.Exit(1)
+    _console().print(f"[green]freed[/] {_size(clean_cache(root))} in {root}")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
 
 
 # ----------------------------------------------------------------------------- quickstart

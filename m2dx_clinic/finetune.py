@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .audio import FrontEndConfig
 from .augment import mixup, spec_augment
-from .config import save_resolved
+from .config import save_resolved, to_dict
 from .data.corpora import cache_root
 from .data.segment_cache import prepare_segments
 from .data.segments import Segment
@@ -44,8 +44,16 @@ from .models.vit import AudioViT
 from .objectives import inverse_frequency_weights, lr_at, soft_cross_entropy
 from .progress import console, make_progress
 from .recipes import FinetuneRecipe, FtOptimSection, validate_finetune_recipe
-from .rundir import default_run_dir
-from .runtime import SUBSET_SEED, TrainingDiverged, autocast, pick_amp, pick_device, seed_everything
+from .rundir import RunLock, default_run_dir, fingerprint, hold, remove_stale_temp_files
+from .runtime import (
+    SUBSET_SEED,
+    TrainingDiverged,
+    autocast,
+    pick_amp,
+    pick_device,
+    seed_everything,
+    use_deterministic_kernels,
+)
 from .weights import load_encoder
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
@@ -435,6 +443,8 @@ class FinetuneRun:
     command: str
     frontend: FrontEndConfig
     score_test: bool
+    lock: RunLock
+    inputs: dict[str, str]  # fingerprint of what the run is made from (the report reuses a run only on a match)
     started: float = field(default_factory=time.time)
 
 
@@ -470,19 +480,26 @@ def prepare_run(
     encoder = load_encoder(checkpoint)
     device = pick_device(recipe.run.device)
     amp_dtype = pick_amp(recipe.run.amp, device)
+    use_deterministic_kernels(recipe.run.deterministic)
     frontend = FrontEndConfig.for_sample_rate(encoder.config.sample_rate)
 
     run_dir = Path(recipe.run.out) if recipe.run.out else default_run_dir(recipe.name)
-    if (run_dir / "metrics.json").exists():
-        raise ConfigError(f"{run_dir}: already holds a finished fine-tuning run; pick another --out")
-    recipe = copy.deepcopy(recipe)
-    recipe.run.out = str(run_dir)
-    cache = cache_root(recipe.data.cache_dir) / "cycles" if recipe.data.disk_cache else None
-    lms: dict[str, torch.Tensor] = {}
-    for split, items in splits.items():
-        lms[split] = prepare_segments(items, frontend=frontend, length_s=recipe.data.cycle_seconds, pad=recipe.data.pad,
-                                      cache_dir=cache, workers=recipe.run.num_workers, progress=progress,
-                                      description=f"prepare {split} cycles")
+    lock = hold(run_dir, "m2dx finetune")  # one writer per run folder; released by finetune()
+    try:
+        if (run_dir / "metrics.json").exists():
+            raise ConfigError(f"{run_dir}: already holds a finished fine-tuning run; pick another --out")
+        remove_stale_temp_files(run_dir)
+        recipe = copy.deepcopy(recipe)
+        recipe.run.out = str(run_dir)
+        cache = cache_root(recipe.data.cache_dir) / "cycles" if recipe.data.disk_cache else None
+        lms: dict[str, torch.Tensor] = {}
+        for split, items in splits.items():
+            lms[split] = prepare_segments(items, frontend=frontend, length_s=recipe.data.cycle_seconds,
+                                          pad=recipe.data.pad, cache_dir=cache, workers=recipe.run.num_workers,
+                                          progress=progress, description=f"prepare {split} cycles")
+    except BaseException:
+        lock.release()
+        raise
     if device.type == "cuda":
         lms = {k: v.to(device) for k, v in lms.items()}  # a few GB at most for ICBHI; avoids per-batch copies
     labels = {split: [it.label for it in items] for split, items in splits.items()}
@@ -492,7 +509,22 @@ def prepare_run(
         for note in [*td.warnings, *notes]:
             console.print(f"[yellow]{note}[/]")
     prepared = _Prepared(recipe, encoder.to(device), list(td.classes), td.normal_class, lms, labels, device, amp_dtype)
-    return FinetuneRun(prepared, td, splits, run_dir, notes, task, Path(data), checkpoint, command, frontend, score_test)
+    inputs = finetune_inputs(recipe, td.fingerprint(splits)["sha256"], checkpoint)
+    return FinetuneRun(prepared, td, splits, run_dir, notes, task, Path(data), checkpoint, command, frontend,
+                       score_test, lock, inputs)
+
+
+def finetune_inputs(recipe: FinetuneRecipe, data_sha256: str, checkpoint: str | Path) -> dict[str, str]:
+    """What a fine-tune was made from: the data items, the checkpoint file, the recipe (not its output folder)."""
+    path = Path(str(checkpoint)).expanduser()
+    try:
+        stat = path.stat()
+        ckpt: object = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    except OSError:
+        ckpt = str(checkpoint)  # a published name
+    values = to_dict(recipe)
+    values["run"] = {k: v for k, v in values["run"].items() if k not in ("out", "device", "num_workers")}
+    return fingerprint(data=data_sha256, checkpoint=ckpt, recipe=values)
 
 
 def finetune(
@@ -514,17 +546,20 @@ def finetune(
     run = prepare_run(recipe, task=task, data=data, checkpoint=checkpoint, normal_class=normal_class,
                       score_test=score_test, has_callback=epoch_callback is not None, progress=progress,
                       task_data=task_data)
-    epochs_log = EpochsLog(run.run_dir / "epochs.csv")  # readable while the run goes on
-    prep = run.prepared
-    outcomes = []
-    for repeat in range(prep.recipe.run.repeats):
-        # Tuning trials (score_test=False) keep no weights: a classifier file per trial would fill the disk.
-        outcome = run_repeat(prep, repeat, score_test=score_test, epoch_callback=epoch_callback,
-                             keep_state=score_test, on_epoch=epochs_log.append, progress=progress)
-        if outcome.best_state is not None:
-            model = build_classifier(prep.encoder, len(prep.classes), prep.recipe)
-            model.load_state_dict(outcome.best_state)
-            outcome.classifier = save_repeat_classifier(run, outcome, model.cpu().eval())
-            outcome.best_state = None  # written: free the memory before the next repeat
-        outcomes.append(outcome)
-    return write_outputs(run, outcomes, progress=progress)
+    try:
+        epochs_log = EpochsLog(run.run_dir / "epochs.csv")  # readable while the run goes on
+        prep = run.prepared
+        outcomes = []
+        for repeat in range(prep.recipe.run.repeats):
+            # Tuning trials (score_test=False) keep no weights: a classifier file per trial would fill the disk.
+            outcome = run_repeat(prep, repeat, score_test=score_test, epoch_callback=epoch_callback,
+                                 keep_state=score_test, on_epoch=epochs_log.append, progress=progress)
+            if outcome.best_state is not None:
+                model = build_classifier(prep.encoder, len(prep.classes), prep.recipe)
+                model.load_state_dict(outcome.best_state)
+                outcome.classifier = save_repeat_classifier(run, outcome, model.cpu().eval())
+                outcome.best_state = None  # written: free the memory before the next repeat
+            outcomes.append(outcome)
+        return write_outputs(run, outcomes, progress=progress)
+    finally:
+        run.lock.release()

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import pandas as pd
 
-from . import __version__
+from ._version import __version__
 from .checkpoint.classifier import classifier_folder_name, save_classifier
 from .config import to_dict
 from .data.segments import Segment
@@ -331,6 +331,7 @@ def write_outputs(run: "FinetuneRun", outcomes: Sequence["RepeatOutcome"], *, pr
         "amp": str(prep.amp_dtype) if prep.amp_dtype is not None else "off",
         "seconds": time.time() - run.started,
         "data_fingerprint": td.fingerprint(run.splits),
+        "inputs": run.inputs,
         "package_version": __version__,
         "command": run.command,
         "environment": environment_facts(),

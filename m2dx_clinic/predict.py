@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from . import __version__
+from ._version import __version__
 from .audio import audio_info, list_audio_files
 from .checkpoint.classifier import LoadedClassifier, classifier_files, find_classifier, load_classifier
 from .data.icbhi import read_annotation
@@ -34,7 +34,7 @@ from .data.segments import Segment, read_manifest
 from .errors import AudioError, CheckpointError, ConfigError, DataError, M2DXError
 from .fileio import atomic_write_csv, atomic_write_json
 from .progress import make_progress
-from .runtime import pick_device
+from .runtime import autocast, pick_amp, pick_device
 
 SegmentMode = Literal["auto", "annotations", "window"]
 MIN_WINDOW_FRACTION = 0.5  # a last, partial window shorter than this fraction of a window is dropped
@@ -127,7 +127,8 @@ def plan_segments(recording: Recording, duration: float, *, mode: SegmentMode, w
 
 # ---------------------------------------------------------------------------- applying the model
 @torch.inference_mode()
-def probabilities(models: ModelSet, lms: torch.Tensor, *, device: torch.device, batch_size: int) -> np.ndarray:
+def probabilities(models: ModelSet, lms: torch.Tensor, *, device: torch.device, batch_size: int,
+                  amp_dtype: torch.dtype | None = None) -> np.ndarray:
     """Mean class probabilities [N, K] of the model set on raw log-mel [N, n_mels, frames] (per-sample normalised)."""
     total = None
     for member in models.members:
@@ -135,7 +136,9 @@ def probabilities(models: ModelSet, lms: torch.Tensor, *, device: torch.device, 
         chunks = []
         for start in range(0, lms.shape[0], batch_size):
             x = model.encoder.normalize(lms[start:start + batch_size].to(device)).unsqueeze(1)
-            chunks.append(F.softmax(model(x).float(), dim=-1).cpu().double())
+            with autocast(device, amp_dtype):
+                logits = model(x)
+            chunks.append(F.softmax(logits.float(), dim=-1).cpu().double())
         probs = torch.cat(chunks).numpy() if chunks else np.zeros((0, len(member.classes)))
         total = probs if total is None else total + probs
     return total / len(models.members)
@@ -161,6 +164,7 @@ def predict(
     repeat: int | None = None,
     batch_size: int = 32,
     device: str = "auto",
+    amp: str = "off",
     progress: bool = True,
 ) -> PredictResult:
     """Classify every input recording and write segments.csv, recordings.csv and summary.json to `out_dir`."""
@@ -168,6 +172,8 @@ def predict(
         raise ConfigError(f"--segments {segments!r}: use auto, annotations or window")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    if amp not in ("off", "auto", "bf16", "fp16"):
+        raise ConfigError(f"--amp {amp!r}: use off, auto, bf16 or fp16")
     models = load_model_set(model, repeat=repeat)
     head = models.first
     window = float(window_seconds) if window_seconds is not None else head.segment_seconds
@@ -175,6 +181,7 @@ def predict(
     if not (window > 0 and hop > 0 and math.isfinite(window) and math.isfinite(hop)):
         raise ConfigError(f"--window-seconds and --hop-seconds must be positive numbers, got {window} / {hop}")
     dev = pick_device(device)
+    amp_dtype = pick_amp(amp, dev) if amp != "off" else None
     frontend = head.frontend
     classes, normal = head.classes, head.normal_index
     threshold = models.operating_point["threshold"] if models.operating_point else None
@@ -202,7 +209,8 @@ def predict(
                 keep = readable_rows(lms).numpy()
                 if not keep.any():
                     raise AudioError(rec.path, problems[0].split(": ", 1)[-1] if problems else "no readable segment")
-                probs = probabilities(models, lms[torch.from_numpy(keep)], device=dev, batch_size=batch_size)
+                probs = probabilities(models, lms[torch.from_numpy(keep)], device=dev, batch_size=batch_size,
+                                      amp_dtype=amp_dtype)
             except M2DXError as exc:
                 failed.append((str(rec.path), str(exc).removeprefix(f"{rec.path}: ")))
                 bar.advance(task)
@@ -245,7 +253,8 @@ def predict(
         "audio_seconds": audio_seconds, "seconds": elapsed,
         "recordings_per_s": len(rec_rows) / elapsed if elapsed > 0 else None,
         "real_time_factor": audio_seconds / elapsed if elapsed > 0 else None,
-        "device": str(dev), "package_version": __version__,
+        "device": str(dev), "amp": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
+        "package_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     atomic_write_json(out_dir / "summary.json", summary)

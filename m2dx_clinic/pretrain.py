@@ -19,6 +19,7 @@ folder named by the published convention, `state/last.pth` and `report/` (progre
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ from .objectives import (
 )
 from .progress import MetricLogger, console, environment_facts, make_progress
 from .recipes import ModelSection, PretrainRecipe, validate_pretrain_recipe
-from .rundir import default_run_dir
+from .rundir import RunLock, default_run_dir, hold, remove_stale_temp_files
 from .runtime import (
     TrainingDiverged,
     autocast,
@@ -63,6 +64,7 @@ from .runtime import (
     seed_everything,
     set_rng_state,
     stream_seed,
+    use_deterministic_kernels,
 )
 from .weights import load_encoder, open_checkpoint
 
@@ -121,6 +123,14 @@ def prepare_data(recipe: PretrainRecipe, frontend: FrontEndConfig, crop_frames: 
     return TrainingData(dataset, noise, float(norm_stats[0]), float(norm_stats[1]), len(lms_list), names)
 
 
+def record_geometry(m: ModelSection, model: M2D) -> None:
+    """Write the trained model's geometry into the recipe's [model] table (a base checkpoint decides it)."""
+    c, pc = model.config, model.predictor_config
+    m.input_size, m.patch_size = tuple(c.input_size), tuple(c.patch_size)
+    m.embed_dim, m.depth, m.num_heads, m.mlp_ratio, m.sample_rate = c.embed_dim, c.depth, c.num_heads, c.mlp_ratio, c.sample_rate
+    m.predictor_dim, m.predictor_depth, m.predictor_heads = pc.dim, pc.depth, pc.num_heads
+
+
 def scratch_vit_config(m: ModelSection) -> ViTConfig:
     return ViTConfig(tuple(m.input_size), tuple(m.patch_size), m.embed_dim, m.depth, m.num_heads, m.mlp_ratio,
                      m.sample_rate)
@@ -166,6 +176,7 @@ class Pretrainer:
         self.ddp = init_distributed(recipe.run.device)
         self.device = pick_device(recipe.run.device, self.ddp.local_rank)
         self.amp_dtype = pick_amp(recipe.run.amp, self.device)
+        use_deterministic_kernels(recipe.run.deterministic)
         seed_everything(stream_seed(recipe.run.seed, "model"))  # the same initial model (and teacher) on every rank
         resume = ckpt_io.LoadedCheckpoint(resume_from) if resume_from else None
         base = open_checkpoint(recipe.base) if (recipe.base and resume is None) else None
@@ -192,6 +203,7 @@ class Pretrainer:
             self.model = M2D(vit, scratch_predictor_config(recipe.model), offline_dim=offline_dim)
             self.notes = ["trained from scratch (no base checkpoint)"]
         self.model.norm_stats.copy_(torch.tensor([self.data.mean, self.data.std]))
+        record_geometry(recipe.model, self.model)  # recipe.toml states what is trained, not what was asked
         if recipe.objective.offline_task == "teacher" and teacher is None:
             teacher, saved = freeze_initial_encoder(self.model, run_dir)
             recipe.objective.teacher = str(saved)
@@ -347,12 +359,14 @@ class Pretrainer:
     def train(self, progress: bool = True) -> Path:
         o, r = self.recipe.optim, self.recipe.run
         accum = o.accum_steps
-        logger = MetricLogger(self.run_dir / "metrics.jsonl") if self.ddp.is_main else None
+        # rows a killed process logged after the resume point are dropped: the log never repeats a step
+        logger = MetricLogger(self.run_dir / "metrics.jsonl", keep_until_step=self.opt_step) if self.ddp.is_main else None
         last_saved: Path | None = None
         show = progress and self.ddp.is_main
         stop = False
-        with make_progress() as bar:
-            task_id = bar.add_task("pre-train", total=self.total_iters, completed=self.epoch * self.steps_per_epoch,
+        usable = (self.steps_per_epoch // accum) * accum  # whole accumulation cycles only
+        with make_progress() as bar:  # counts the data iterations that are trained: it ends at its total
+            task_id = bar.add_task("pre-train", total=o.epochs * usable, completed=self.epoch * usable,
                                    status="", visible=show)
             while self.epoch < o.epochs and not stop:
                 self._seed_epoch(self.epoch)
@@ -360,7 +374,6 @@ class Pretrainer:
                 sums = torch.zeros(3, device=self.device)
                 count, t0, samples = 0, time.perf_counter(), 0
                 epoch_t0, epoch_samples = t0, 0
-                usable = (self.steps_per_epoch // accum) * accum  # whole accumulation cycles only
                 for i, batch in enumerate(self.loader):
                     if i >= usable:
                         break
@@ -385,7 +398,7 @@ class Pretrainer:
                     decay = ema_decay_at(it, self.total_iters, self.recipe.objective.ema_start, self.recipe.objective.ema_end)
                     optimizer_step(self.model, self.optimizer, self.scaler, o.clip_grad, decay)
                     self.opt_step += 1
-                    bar.update(task_id, completed=it + 1)
+                    bar.update(task_id, completed=self.epoch * usable + i + 1)
                     if self.opt_step % r.log_every == 0 or (r.max_steps and self.opt_step >= r.max_steps):
                         row = self._log_row(sums / max(count, 1), lr, decay, samples / (time.perf_counter() - t0))
                         t0, samples = time.perf_counter(), 0  # throughput of the last window only
@@ -410,6 +423,9 @@ class Pretrainer:
                         self.on_save(last_saved)
                 if self.ddp.enabled:
                     dist.barrier()
+            if stop:  # run.max_steps ended the run early: the bar says the run is done, at the step it stopped
+                done = int(next(t.completed for t in bar.tasks if t.id == task_id))
+                bar.update(task_id, total=done, completed=done)
         if logger:
             logger.close()
         if self.ddp.enabled:
@@ -491,42 +507,63 @@ def _status(row: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------- entry points
-def start_run(recipe: PretrainRecipe, on_save: Callable[[Path], None] | None = None, progress: bool = True) -> Path:
-    """A new run: write the resolved recipe and environment facts, then train."""
+def _hold_if_main(run_dir: Path, command: str) -> RunLock | None:
+    """Rank 0 holds the run folder's lock (the other DDP ranks write nothing of their own there)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    lock = hold(run_dir, command)
+    remove_stale_temp_files(run_dir)  # half-written files of a killed earlier holder
+    return lock
+
+
+def start_run(recipe: PretrainRecipe, on_save: Callable[[Path], None] | None = None, progress: bool = True,
+              command: str = "m2dx further-pretrain") -> Path:
+    """A new run: take the folder, write the resolved recipe and environment facts, then train."""
     run_dir = Path(recipe.run.out) if recipe.run.out else default_run_dir(recipe.name)
-    if ckpt_io.latest_resume_point(run_dir) is not None:
-        raise ConfigError(f"{run_dir}: already holds a run; resume it with --resume {run_dir} or pick another --out")
-    recipe.run.out = str(run_dir)
-    trainer = Pretrainer(recipe, run_dir, on_save=on_save)
-    if trainer.ddp.is_main:
-        save_resolved(recipe, run_dir / "recipe.toml", header=f"resolved recipe of run {run_dir.name}")
-        facts = {**environment_facts(), "world_size": trainer.ddp.world_size, "device": str(trainer.device),
-                 "amp": str(trainer.amp_dtype), "notes": trainer.notes}
-        atomic_write_json(run_dir / "environment.json", facts, end="")
-        for note in trainer.notes:
-            console.print(f"[dim]{note}[/]")
-    return trainer.train(progress)
+    lock = _hold_if_main(run_dir, command)
+    try:
+        if ckpt_io.latest_resume_point(run_dir) is not None:
+            raise ConfigError(f"{run_dir}: already holds a run; resume it with --resume {run_dir} or pick another --out")
+        recipe.run.out = str(run_dir)
+        trainer = Pretrainer(recipe, run_dir, on_save=on_save)
+        if trainer.ddp.is_main:
+            save_resolved(recipe, run_dir / "recipe.toml", header=f"resolved recipe of run {run_dir.name}")
+            facts = {**environment_facts(), "world_size": trainer.ddp.world_size, "device": str(trainer.device),
+                     "amp": str(trainer.amp_dtype), "notes": trainer.notes}
+            atomic_write_json(run_dir / "environment.json", facts, end="")
+            for note in trainer.notes:
+                console.print(f"[dim]{note}[/]")
+        return trainer.train(progress)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def resume_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (),
-               on_save: Callable[[Path], None] | None = None, progress: bool = True) -> Path:
+               on_save: Callable[[Path], None] | None = None, progress: bool = True,
+               command: str = "m2dx further-pretrain --resume") -> Path:
     """Continue a run from its newest checkpoint with the recipe saved in the run (plus overrides)."""
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.toml").is_file():
         raise ConfigError(f"{run_dir}: no recipe.toml here; pass the run directory that further-pretrain created")
-    recipe = load_recipe(PretrainRecipe, run_dir / "recipe.toml", overrides)
-    point = ckpt_io.latest_resume_point(run_dir)
-    if point is None:
-        console.print(f"[yellow]{run_dir}: no checkpoint yet; starting the run from the beginning[/]")
-    trainer = Pretrainer(recipe, run_dir, resume_from=point, on_save=on_save)
-    if trainer.ddp.is_main and point is not None:
-        console.print(f"resuming {run_dir} from {point} (epoch {trainer.epoch}, step {trainer.opt_step})")
-    return trainer.train(progress)
+    lock = _hold_if_main(run_dir, command)
+    try:
+        recipe = load_recipe(PretrainRecipe, run_dir / "recipe.toml", overrides)
+        point = ckpt_io.latest_resume_point(run_dir)
+        if point is None:
+            console.print(f"[yellow]{run_dir}: no checkpoint yet; starting the run from the beginning[/]")
+        trainer = Pretrainer(recipe, run_dir, resume_from=point, on_save=on_save)
+        if trainer.ddp.is_main and point is not None:
+            console.print(f"resuming {run_dir} from {point} (epoch {trainer.epoch}, step {trainer.opt_step})")
+        return trainer.train(progress)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def start_or_resume(recipe: str | Path, resume: Path | None, overrides: list[str],
-                    on_save: Callable[[Path], None] | None = None) -> Path:
+                    on_save: Callable[[Path], None] | None = None, command: str = "m2dx further-pretrain") -> Path:
     """What `further-pretrain` and `pretrain` do: continue RUN_DIR (`resume`), or start a new run of `recipe`."""
     if resume is not None:
-        return resume_run(resume, overrides, on_save=on_save)
-    return start_run(load_recipe(PretrainRecipe, recipe, overrides), on_save=on_save)
+        return resume_run(resume, overrides, on_save=on_save, command=f"{command} --resume")
+    return start_run(load_recipe(PretrainRecipe, recipe, overrides), on_save=on_save, command=command)

@@ -17,18 +17,27 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .fileio import to_jsonable
+from .fileio import atomic_write_text, to_jsonable
 
 # Logs and CI capture stderr without a terminal; rich would then wrap every table at 80 columns.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 class MetricLogger:
-    """Append-only JSONL (one dict per line, with `step` and wall time) plus optional TensorBoard."""
+    """Append-only JSONL (one dict per line, with `step` and wall time) plus optional TensorBoard.
 
-    def __init__(self, path: str | Path, tensorboard: bool = True):
+    `keep_until_step`: a resumed run first drops the rows a killed process logged after the point
+    it resumes from (atomically), so the log never holds the same steps twice.
+    """
+
+    def __init__(self, path: str | Path, tensorboard: bool = True, keep_until_step: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if keep_until_step is not None and self.path.is_file():
+            rows = read_jsonl(self.path)
+            kept = [r for r in rows if isinstance(r.get("step"), (int, float)) and r["step"] <= keep_until_step]
+            if len(kept) != len(rows) or self.path.read_text(encoding="utf-8").count("\n") != len(rows):
+                atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a", encoding="utf-8")
         self._tb = None
         if tensorboard:

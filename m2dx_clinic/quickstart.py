@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import checkpoint as ckpt_io
 from .audio import AUDIO_SUFFIXES
-from .config import load_recipe
+from .config import load_recipe, to_dict
 from .data.icbhi import SPLIT_FILE, annotation_dir
 from .demo_data import demo_noise_dir, make_demo_icbhi
 from .errors import ConfigError
@@ -25,14 +25,26 @@ from .finetune import finetune
 from .predict import predict
 from .pretrain import resume_run, start_run
 from .recipes import FinetuneRecipe, PretrainRecipe
+from .rundir import check_inputs, fingerprint, hold, record_inputs, tree_fingerprint
 from .progress import console
 from .report import build_report, render_report_table
 
 
 def run_quickstart(out: Path, *, data: Path | None = None, noise: Path | None = None,
                    progress: bool = True) -> dict[str, Path]:
-    """Run the journey into `out` and return the paths of what it wrote. Re-running reuses finished steps."""
+    """Run the journey into `out` and return the paths of what it wrote.
+
+    Re-running reuses finished steps, but only when their inputs (data, noise, recipe, checkpoint,
+    package version) are the ones recorded in the step's inputs.json; otherwise one line says which
+    differ. One quickstart at a time writes `out`.
+    """
     out = Path(out)
+    with hold(out, "m2dx quickstart"):
+        return _journey(out, data, noise, progress)
+
+
+def _journey(out: Path, data: Path | None, noise: Path | None, progress: bool) -> dict[str, Path]:
+    """The five steps; a step with earlier work in `out` reuses it only when its inputs are the same."""
     t0 = time.perf_counter()
     if data is None:
         data = out / "demo_icbhi"
@@ -50,10 +62,15 @@ def run_quickstart(out: Path, *, data: Path | None = None, noise: Path | None = 
                  f"data.cache_dir={out / 'cache'}", "optim.epochs=10", "optim.warmup_epochs=2",
                  "run.save_every=5", "data.min_ds_size=256"]
     recipe = load_recipe(PretrainRecipe, "tiny_cpu", overrides)
+    inputs = fingerprint(step="further-pretrain", data=tree_fingerprint(audio_dir), noise=tree_fingerprint(noise),
+                         recipe=to_dict(recipe))
     if not (run_dir / "recipe.toml").is_file():
-        start_run(recipe, progress=progress)  # step 4 builds the full report
-    elif _unfinished(run_dir, recipe.optim.epochs):
-        resume_run(run_dir, progress=progress)
+        record_inputs(run_dir, inputs)
+        start_run(recipe, progress=progress, command="m2dx quickstart")  # step 4 builds the full report
+    else:
+        check_inputs(run_dir, inputs, "a quickstart pre-training run")
+        if _unfinished(run_dir, recipe.optim.epochs):
+            resume_run(run_dir, progress=progress, command="m2dx quickstart")
     checkpoints = ckpt_io.list_checkpoints(run_dir)
     if not checkpoints:
         raise ConfigError(f"{run_dir}: the pre-training run saved no checkpoint")
@@ -61,9 +78,13 @@ def run_quickstart(out: Path, *, data: Path | None = None, noise: Path | None = 
 
     console.rule("3/5  fine-tuning with ICBHI-style scores, a baseline and chance")
     ft_dir = out / "finetune"
-    if not (ft_dir / "metrics.json").is_file():
-        ft_recipe = load_recipe(FinetuneRecipe, "tiny_finetune", [f"run.out={ft_dir}",
-                                                                   f"data.cache_dir={out / 'cache'}"])
+    ft_recipe = load_recipe(FinetuneRecipe, "tiny_finetune", [f"run.out={ft_dir}", f"data.cache_dir={out / 'cache'}"])
+    inputs = fingerprint(step="finetune", data=tree_fingerprint(data), checkpoint=tree_fingerprint(last_ckpt),
+                         recipe=to_dict(ft_recipe))
+    if (ft_dir / "metrics.json").is_file():
+        check_inputs(ft_dir, inputs, "a quickstart fine-tune")
+    else:
+        record_inputs(ft_dir, inputs)
         finetune(ft_recipe, task="icbhi", data=data, checkpoint=last_ckpt, progress=progress)
 
     console.rule("4/5  checkpoint-progress report")

@@ -91,6 +91,7 @@ class RunSection:
     compile: bool = False  # torch.compile the model (GPU; +50% throughput on an H200, ~1 min to compile)
     report_on_save: bool = True  # refresh report/ (curves + label-free health) after each checkpoint, in the background
     tag: str = ""  # appended to the checkpoint folder name
+    deterministic: bool = False  # deterministic GPU kernels (slower); CPU runs are reproducible without it
 
 
 @dataclass
@@ -177,6 +178,7 @@ class FtRunSection:
     target_sensitivity: float = 0.0
     bootstrap: int = 1000  # resamples over subjects for the 95% CIs of the clinical metrics (0 = none)
     baseline: bool = True  # fit the log-mel statistics + logistic regression baseline on the same segments
+    deterministic: bool = False  # deterministic GPU kernels (slower); CPU runs are reproducible without it
 
 
 @dataclass

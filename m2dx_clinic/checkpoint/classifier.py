@@ -27,8 +27,8 @@ from ..audio import FrontEndConfig
 from ..errors import CheckpointError
 from ..fileio import atomic_torch_save
 from ..models.classifier import Classifier
-from ..models.vit import AudioViT, ViTConfig
-from .loading import META_KEY, filter_checkpoint, infer_vit_config, load_checkpoint_file, norm_stats_of, strict_load
+from ..models.vit import ViTConfig
+from .loading import META_KEY, encoder_from_state, filter_checkpoint, infer_vit_config, load_checkpoint_file, strict_load
 from .names import checkpoint_folder_name
 
 CLASSIFIER_FORMAT = "m2dx-classifier"
@@ -101,9 +101,7 @@ def save_classifier(model: Classifier, meta: dict[str, Any], path: Path, *, epoc
 def classifier_from_weights(weights: dict[str, torch.Tensor], meta: dict[str, Any], source: str) -> Classifier:
     """A ready Classifier (eval, CPU) from flat weights + metadata; a mismatch is one CheckpointError line."""
     encoder_state = {k: v for k, v in weights.items() if not k.startswith("head.")}
-    config = infer_vit_config(encoder_state, None, meta)
-    encoder = AudioViT(config, norm_stats_of(encoder_state))
-    strict_load(encoder, encoder_state, source)
+    encoder = encoder_from_state(infer_vit_config(encoder_state, None, meta), encoder_state, source)
     head_weight = weights.get("head.weight")
     if head_weight is None or "head.bias" not in weights:
         raise CheckpointError(f"{source}: no classifier head in this file; pass a file that m2dx finetune wrote")

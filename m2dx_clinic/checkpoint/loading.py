@@ -133,8 +133,11 @@ def norm_stats_of(state: dict[str, torch.Tensor]) -> tuple[float, float]:
     return float(stats[0]), float(stats[1])
 
 
-def strict_load(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict that reports missing / unexpected / mis-shaped keys in one clear error."""
+def strict_load(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str, *, assign: bool = False) -> None:
+    """load_state_dict that reports missing / unexpected / mis-shaped keys in one clear error.
+
+    `assign=True` makes the module's tensors the loaded ones (for modules built on the meta device).
+    """
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -148,12 +151,25 @@ def strict_load(module: torch.nn.Module, state: dict[str, torch.Tensor], source:
         if shapes:
             parts.append("shape mismatch: " + _listing([f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shapes]))
         raise CheckpointError(f"{source}: does not fit the model ({'; '.join(parts)})")
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=True, assign=assign)
 
 
 def _listing(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def encoder_from_state(config: ViTConfig, state: dict[str, torch.Tensor], source: str) -> AudioViT:
+    """An encoder holding exactly `state`, built without drawing from the global random generator.
+
+    The module is made on the meta device (no initial weights are computed) and the checkpoint's
+    tensors become its weights. Besides skipping a useless random init, this keeps a report built in
+    a background thread from moving the training loop's random stream (a run stays reproducible).
+    """
+    with torch.device("meta"):
+        encoder = AudioViT(config, norm_stats_of(state))
+    strict_load(encoder, state, source, assign=True)
+    return encoder.eval()
 
 
 class LoadedCheckpoint:
@@ -180,9 +196,7 @@ class LoadedCheckpoint:
 
     def encoder(self) -> AudioViT:
         """The encoder of this checkpoint, strictly loaded, in eval mode."""
-        encoder = AudioViT(self.vit_config, self.norm_stats)
-        strict_load(encoder, self.encoder_state, str(self.path))
-        return encoder.eval()
+        return encoder_from_state(self.vit_config, self.encoder_state, str(self.path))
 
 
 def _epoch_of(raw: dict[str, Any]) -> int | None:
@@ -216,7 +230,7 @@ def build_m2d_from(ckpt: LoadedCheckpoint, offline_dim: int | None,
     model = M2D(ckpt.vit_config, pred_cfg, offline_dim=offline_dim, norm_stats=ckpt.norm_stats)
     own = model.state_dict()
     state = dict(ckpt.encoder_state)
-    strict_load(AudioViT(ckpt.vit_config, ckpt.norm_stats), state, str(ckpt.path))  # the encoder must fit exactly
+    encoder_from_state(ckpt.vit_config, state, str(ckpt.path))  # the encoder must fit exactly
     has_predictor = "decoder_embed.weight" in ckpt.state
     has_target = "target_norm.weight" in ckpt.state
     for key, value in ckpt.state.items():

@@ -245,3 +245,37 @@ def resolve_noise(spec: str, root: Path | None = None) -> Path:
         f"{spec}: no such noise folder or CSV, and not a known noise set "
         f"({', '.join(NOISE_SETS)}); pass an existing path or run `m2dx data download fsd50k`"
     )
+
+
+CACHE_KINDS = {"lms": "pre-training log-mels (whole recordings)", "cycles": "fixed-length segments (fine-tuning)"}
+
+
+def cache_summary(root: Path) -> dict:
+    """What the cache at `root` holds: entries and bytes per kind, and in all."""
+    root = Path(root)
+    kinds = {}
+    total_files = total_bytes = 0
+    for name, what in CACHE_KINDS.items():
+        files = [p for p in (root / name).rglob("*.npy") if p.is_file()] if (root / name).is_dir() else []
+        size = sum(p.stat().st_size for p in files)
+        kinds[name] = {"what": what, "entries": len(files), "bytes": size}
+        total_files, total_bytes = total_files + len(files), total_bytes + size
+    others = [p for p in root.rglob("*") if p.is_file() and p.parts[len(root.parts)] not in CACHE_KINDS] \
+        if root.is_dir() else []
+    total_bytes += sum(p.stat().st_size for p in others)
+    return {"root": str(root), "exists": root.is_dir(), "kinds": kinds, "entries": total_files,
+            "bytes": total_bytes, "other_files": len(others)}
+
+
+def clean_cache(root: Path) -> int:
+    """Delete the cache's entries (log-mels, segments, the file-hash index); returns the bytes freed.
+
+    Only what the toolkit writes there is removed; the folder itself stays. Nothing else is lost:
+    every entry is recomputed from the audio on the next run.
+    """
+    root = Path(root)
+    freed = cache_summary(root)["bytes"]
+    for name in CACHE_KINDS:
+        shutil.rmtree(root / name, ignore_errors=True)
+    (root / "file_hashes.json").unlink(missing_ok=True)
+    return freed - cache_summary(root)["bytes"]

@@ -35,6 +35,7 @@ from ..data.tasks import load_task
 from ..errors import ConfigError, DataError, M2DXError, one_line
 from ..fileio import to_jsonable
 from ..finetune import finetune as run_finetune
+from ..finetune import finetune_inputs, select_splits
 from ..models.vit import AudioViT
 from ..progress import console, read_jsonl
 from ..recipes import FinetuneRecipe
@@ -56,6 +57,7 @@ from .health import (
 )
 from .probe import ProbeSet, probe_baseline, probe_scores
 from .render import write_report_files
+from ..rundir import hold, remove_stale_temp_files
 from .runinfo import Slot, collect_slots, epoch_end_rows, finite, load_run_recipe, run_norm_stats
 
 REPORT_DIR_NAME = "report"
@@ -88,31 +90,36 @@ def score_noise(block: dict[str, Any]) -> float | None:
 
 
 def _finetune_checkpoint(path: Path, epoch: int, *, recipe_name: str, task: str, data: Path, normal_class: str | None,
-                  report_dir: Path, task_data: Any, progress: bool) -> dict[str, Any]:
-    """One full fine-tune of this checkpoint; its run folder is `report/finetune/epoch-<N>/`."""
+                         report_dir: Path, task_data: Any, progress: bool) -> dict[str, Any]:
+    """One full fine-tune of this checkpoint; its run folder is `report/finetune/epoch-<N>/`.
+
+    An earlier fine-tune in that folder is reused only when it was made from the same inputs (data
+    items, checkpoint file, recipe); otherwise the next free `epoch-<N>-<k>` folder gets a new one.
+    """
+    recipe = load_recipe(FinetuneRecipe, recipe_name)
+    expected = finetune_inputs(recipe, task_data.fingerprint(select_splits(task_data, recipe, score_test=True))["sha256"],
+                               path)
     base_out = report_dir / "finetune" / f"epoch-{epoch}"
     out, attempt = base_out, 1
     while (out / "metrics.json").is_file():
-        reused = _reuse_finetune(out, path)
+        reused = _reuse_finetune(out, expected)
         if reused is not None:
-            return reused  # the same checkpoint was already fine-tuned: a rerun of the report costs nothing
+            return reused  # the same inputs were already fine-tuned: a rerun of the report costs nothing
         attempt += 1
         out = base_out.with_name(f"{base_out.name}-{attempt}")
-    recipe = load_recipe(FinetuneRecipe, recipe_name, extra={"run": {"out": str(out)}})
+    recipe.run.out = str(out)
     result = run_finetune(recipe, task=task, data=data, checkpoint=path, normal_class=normal_class,
                          score_test=True, progress=progress, task_data=task_data)
     return _finetune_summary(result.run_dir, result.runs, result.aggregate, result.selection)
 
 
-def _reuse_finetune(out: Path, checkpoint: Path) -> dict[str, Any] | None:
-    """An earlier fine-tune of this very checkpoint file (same path, not modified since), else None."""
+def _reuse_finetune(out: Path, expected: dict[str, str]) -> dict[str, Any] | None:
+    """The earlier fine-tune in `out` when its recorded inputs match `expected`, else None."""
     try:
         saved = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-        same = saved.get("checkpoint_resolved") == str(Path(checkpoint).resolve())
-        fresh = (out / "metrics.json").stat().st_mtime >= Path(checkpoint).stat().st_mtime
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError):
         return None
-    if not (same and fresh and isinstance(saved.get("runs"), list)):
+    if (saved.get("inputs") or {}).get("sha256") != expected["sha256"] or not isinstance(saved.get("runs"), list):
         return None
     summary = _finetune_summary(out, saved["runs"], saved.get("aggregate") or {}, str(saved.get("selection", "")))
     summary["reused"] = True
@@ -367,6 +374,16 @@ class _ReportBuilder:
         return out
 
     def build(self) -> dict[str, Any]:
+        """Score every checkpoint and write the report, holding report/'s lock: one writer at a time.
+
+        The training loop's background refresh waits for a user's `m2dx report` to finish; a user's
+        report started while another writes gets one line naming it.
+        """
+        with hold(self.report_dir, "m2dx report", wait=self.kind == "progress"):
+            remove_stale_temp_files(self.report_dir)
+            return self._build()
+
+    def _build(self) -> dict[str, Any]:
         slots = collect_slots(self.run_dir, self.recipe, self.ends, self.checkpoints)
         rows: list[dict[str, Any]] = []
         # Plain status lines, not a live bar: the probe and the fine-tune loop open their own bars,

@@ -17,8 +17,10 @@ import dataclasses
 import datetime as _dt
 import json
 import math
-import re
+import os
+import socket
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,11 +39,20 @@ from ..finetune import FinetuneRecipe, FinetuneResult, finetune
 from ..metrics import aggregate_runs
 from ..progress import console, environment_facts, make_progress
 from ..recipes import TuneSettings
-from ..rundir import fresh_dir
+from ..rundir import RunLock, fingerprint, fresh_dir, hold, remove_stale_temp_files
+from .storage import (
+    ACTIVE,
+    TS,
+    SurplusTrial,
+    best_trial,
+    trial_counts,
+    fail_orphaned_trials,
+    hide_password,
+    make_pruner,
+    make_storage,
+    storage_url,
+)
 from .space import Param, assert_validation_only, load_search_space, params_to_tables, parse_duration, suggest
-
-PRUNERS = ("auto", "median", "hyperband", "wilcoxon", "none")
-
 
 def metric_text(metric: str, value: float | None) -> str:
     """One unit everywhere: scores in percent, the loss as a plain number."""
@@ -86,6 +97,12 @@ class _Objective:
         self.job, self.per_epoch, self.on_epoch = job, per_epoch, on_epoch
 
     def __call__(self, trial: optuna.Trial) -> float:
+        earlier = [t for t in trial.study.get_trials(deepcopy=False, states=ACTIVE) if t.number < trial.number]
+        if len(earlier) >= self.job.target:
+            # Another worker started the study's last trial at the same moment: this one would be one too
+            # many, so it runs nothing and is recorded as such (not counted as finished).
+            trial.set_user_attr("surplus", True)
+            raise SurplusTrial(f"the study already had {self.job.target} finished or running trials")
         try:
             return self._run(trial)
         except optuna.TrialPruned:
@@ -97,6 +114,7 @@ class _Objective:
 
     def _run(self, trial: optuna.Trial) -> float:
         job = self.job
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it, in a shared study
         suggested = suggest(trial, job.params)
         trial_dir = fresh_dir(job.out_dir / "trials" / f"trial_{trial.number:04d}")
         trial.set_user_attr("trial_dir", str(trial_dir))
@@ -156,92 +174,6 @@ class TuneResult:
 
 
 
-def _fail_orphaned_trials(study: optuna.Study) -> None:
-    """With the default one-worker SQLite study, a RUNNING trial at start-up belongs to a killed run.
-
-    Heartbeats would fail it only after the grace period; doing it now lets the resumed run retry its
-    parameters at once. Shared RDB studies (--storage) are left to the heartbeats: other workers may be alive.
-    """
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(trial._trial_id, "error", "the tuning process was killed during this trial")
-        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
-
-
-def storage_url(url: str | None, out: Path) -> str:
-    """The study's database URL: `sqlite:///<out>/optuna.db` by default; a bare file name is a SQLite file."""
-    if url is None:
-        return f"sqlite:///{(Path(out) / 'optuna.db').resolve()}"
-    if "://" not in url:
-        return f"sqlite:///{Path(url).expanduser().resolve()}"
-    return url
-
-
-def make_storage(url: str | None, out: Path, settings: TuneSettings) -> optuna.storages.RDBStorage:
-    """An RDB storage with heartbeats: trials of a killed process are failed after the grace period and retried."""
-    Path(out).mkdir(parents=True, exist_ok=True)
-    url = storage_url(url, out)
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-    kwargs: dict[str, Any] = {"heartbeat_interval": settings.heartbeat_interval,
-                              "grace_period": max(settings.grace_period, 2 * settings.heartbeat_interval)}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # heartbeats are marked experimental; the behaviour is what we need
-            if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):  # Optuna >= 4.9 renamed the hook
-                kwargs["heartbeat_stale_trial_callback"] = optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=settings.max_retry)
-            else:  # pragma: no cover - older Optuna
-                kwargs["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(max_retry=settings.max_retry)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
-    except ImportError as exc:
-        raise ConfigError(f"--storage {_hide_password(url)}: the database driver is missing ({exc}); install it") from None
-    except Exception as exc:
-        raise ConfigError(f"--storage {_hide_password(url)}: cannot open the study database ({one_line(exc, limit=500, with_type=True)})") from None
-
-
-def _hide_password(url: str) -> str:
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
-
-
-def make_pruner(name: str, settings: TuneSettings, repeats: int) -> optuna.pruners.BasePruner:
-    """Median (default) or Hyperband over epochs; Wilcoxon over seeds when each trial runs several."""
-    if name == "auto":
-        name = "wilcoxon" if repeats > 1 else "median"
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=settings.pruner_startup_trials,
-                                           n_warmup_steps=settings.pruner_warmup_epochs)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource="auto")
-    if name == "wilcoxon":
-        if repeats < 2:
-            raise ConfigError("--pruner wilcoxon compares seeds; use it with --repeats 2 or more")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # experimental in Optuna; its behaviour is what we document
-            return optuna.pruners.WilcoxonPruner(p_threshold=settings.wilcoxon_p, n_startup_steps=min(2, repeats - 1))
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    raise ConfigError(f"--pruner {name!r}: use one of {', '.join(PRUNERS)}")
-
-
-def _counts(study: optuna.Study) -> dict[str, int]:
-    states = [t.state for t in study.get_trials(deepcopy=False)]
-    TS = optuna.trial.TrialState
-    return {"complete": states.count(TS.COMPLETE), "pruned": states.count(TS.PRUNED),
-            "failed": states.count(TS.FAIL), "running": states.count(TS.RUNNING), "waiting": states.count(TS.WAITING)}
-
-
-def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    try:
-        return study.best_trial
-    except ValueError:  # no complete trial yet
-        return None
-
-
 def _short_params(params: dict[str, Any], limit: int = 60) -> str:
     parts = []
     for key, value in params.items():
@@ -267,7 +199,7 @@ def _save_plots(study: optuna.Study, out: Path, min_for_importance: int) -> list
         from optuna.visualization import matplotlib as ovm
     except Exception as exc:
         return [f"plots skipped: matplotlib unavailable ({one_line(exc, limit=500, with_type=True)})"]
-    n_complete = _counts(study)["complete"]
+    n_complete = trial_counts(study)["complete"]
     values = [t.value for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
     identical = len(values) >= 2 and max(values) - min(values) < 1e-12
     (out / "param_importances.png").unlink(missing_ok=True)  # never leave an earlier, now misleading plot
@@ -388,8 +320,21 @@ def tune(
     old_verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines replace Optuna's INFO logs
     try:
-        study = run_search(job)
-        return finish_search(job, study)
+        if not is_shared(job):  # the default one-worker SQLite study: one writer for the whole search
+            with hold(job.out_dir, "m2dx tune"):
+                remove_stale_temp_files(job.out_dir)
+                return finish_search(job, run_search(job))
+        # A shared study: every worker searches (shared lock), the last one to finish writes the results.
+        with RunLock(job.out_dir, "m2dx tune (a worker of a shared study)").acquire(shared=True):
+            study = run_search(job)
+        try:
+            results = hold(job.out_dir, "m2dx tune (writing the study's results)")
+        except ConfigError:
+            console.print(f"another worker of study {job.study_name!r} is still searching or writing its results "
+                          f"in {job.out_dir}; it writes best.toml")
+            return _result_of(job, study)
+        with results:
+            return finish_search(job, study)
     finally:
         optuna.logging.set_verbosity(old_verbosity)
 
@@ -425,33 +370,68 @@ def plan_search(*, task: str, data: Path | str, checkpoint: str | Path, tune_rec
                    final_test=final_test, progress=progress)
 
 
-def run_search(job: TuneJob) -> optuna.Study:
-    """Run trials until the study holds `job.target` finished ones (or the timeout / failure limit ends it)."""
+def is_shared(job: TuneJob) -> bool:
+    """A study several workers may run at once: any --storage that is not a SQLite file."""
+    return not storage_url(job.storage, job.out_dir).startswith("sqlite")
+
+
+def study_inputs(job: TuneJob) -> dict[str, str]:
+    """What a study's trials were made from; a resumed study must match (or trials from two data sets mix)."""
+    return fingerprint(task=job.task, data=job.task_data.fingerprint()["sha256"], checkpoint=str(job.checkpoint),
+                       settings=dataclasses.asdict(job.settings) | {"trials": None, "timeout": None},
+                       space=[dataclasses.asdict(p) for p in job.params], overrides=job.overrides)
+
+
+def open_study(job: TuneJob) -> optuna.Study:
+    """Create or load the study; a study made from other inputs is refused with one line."""
     settings = job.settings
     job.out_dir.mkdir(parents=True, exist_ok=True)
     rdb = make_storage(job.storage, job.out_dir, settings)
     sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=settings.sampler_startup_trials)
     study = optuna.create_study(storage=rdb, sampler=sampler, pruner=job.pruner, study_name=job.study_name,
                                 direction=settings.direction, load_if_exists=True)
+    inputs = study_inputs(job)
+    saved = study.user_attrs.get("inputs")
+    if saved is None:
+        study.set_user_attr("inputs", inputs)
+    elif saved.get("sha256") != inputs["sha256"]:
+        differ = sorted(k for k in inputs if k not in ("sha256",) and saved.get(k) != inputs[k])
+        raise ConfigError(f"study {job.study_name!r} in {hide_password(storage_url(job.storage, job.out_dir))} was "
+                          f"made from other inputs ({', '.join(differ)} differ); pass another --study or --out")
     study.set_user_attr("tune_recipe", job.tune_recipe)
     study.set_user_attr("finetune_recipe", str(settings.finetune_recipe))
     study.set_user_attr("metric", settings.metric)
-    if job.storage is None:
-        _fail_orphaned_trials(study)
-    counts = _counts(study)
-    remaining = max(0, job.target - counts["complete"] - counts["pruned"])
-    if counts["complete"] + counts["pruned"]:
+    return study
+
+
+def run_search(job: TuneJob) -> optuna.Study:
+    """Run trials until the study holds `job.target` finished ones (or the timeout / failure limit ends it).
+
+    One trial at a time, checking the study before each: several workers on one shared study stop
+    exactly at the target, and a worker waits (instead of leaving) while the last trials run
+    elsewhere, so a trial whose worker died is failed by the heartbeat, re-queued and run here.
+    An invocation starts at most as many trials as the study lacked when it began; a failed trial
+    uses its place (re-run the command to replace it).
+    """
+    settings = job.settings
+    study = open_study(job)
+    shared = is_shared(job)
+    if not shared:
+        fail_orphaned_trials(study)
+    counts = trial_counts(study)
+    finished = counts["complete"] + counts["pruned"]
+    if finished:
         console.print(f"resuming study {job.study_name!r}: {counts['complete']} complete, {counts['pruned']} pruned, "
-                      f"{counts['failed']} failed; {remaining} trial(s) to go")
-    if not remaining:
+                      f"{counts['failed']} failed; {max(0, job.target - finished)} trial(s) to go")
+    if finished >= job.target:
         return study
 
     bar = make_progress(show=job.progress)
     task_id = None
-    state = {"consecutive_failures": 0, "best": ""}
+    state = {"consecutive_failures": 0, "best": "", "stop": False}
 
     def best_text() -> str:
-        best = _best(study)
+        best = best_trial(study)
         if best is None:
             return "best -"
         return f"best {metric_text(settings.metric, best.value)} #{best.number} {_short_params(best.params)}"
@@ -463,48 +443,66 @@ def run_search(job: TuneJob) -> optuna.Study:
                                        f"{metric_text(settings.metric, value)} | {state['best']}")
 
     def after_trial(st: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if trial.state == optuna.trial.TrialState.FAIL:
+        if trial.state == TS.FAIL and not trial.user_attrs.get("surplus"):
             state["consecutive_failures"] += 1
             console.print(f"[yellow]trial {trial.number} failed: {trial.user_attrs.get('error', 'see log')}[/]")
             if state["consecutive_failures"] >= settings.max_consecutive_failures:
                 console.print(f"[red]{state['consecutive_failures']} trials in a row failed; stopping the search[/]")
-                st.stop()
-        else:
+                state["stop"] = True
+        elif trial.state != TS.FAIL:
             state["consecutive_failures"] = 0
         state["best"] = best_text()
-        if task_id is not None:
-            bar.update(task_id, advance=1, status=state["best"])
 
     objective = _Objective(job, per_epoch=not isinstance(job.pruner, optuna.pruners.WilcoxonPruner), on_epoch=on_epoch)
-    stop_at_target = optuna.study.MaxTrialsCallback(
-        job.target, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+    deadline = time.monotonic() + job.timeout if job.timeout else None
     try:
         state["best"] = best_text()
         bar.start()
-        task_id = bar.add_task("tuning", total=remaining, status=state["best"])
-        study.optimize(objective, n_trials=remaining, timeout=job.timeout, catch=(Exception,),
-                       callbacks=[after_trial, stop_at_target])
+        task_id = bar.add_task("tuning", total=job.target, completed=finished, status=state["best"])
+        budget = job.target - finished  # trials this invocation may start (a failed one uses its place)
+        while not state["stop"] and budget > 0 and (deadline is None or time.monotonic() < deadline):
+            counts = trial_counts(study)
+            finished = counts["complete"] + counts["pruned"]
+            bar.update(task_id, completed=min(finished, job.target), status=state["best"])
+            if finished >= job.target:
+                break
+            if finished + counts["running"] >= job.target:  # the last trials run on other workers
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed and re-queued
+                time.sleep(min(5.0, settings.heartbeat_interval))
+                continue
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            study.optimize(objective, n_trials=1, timeout=left, catch=(Exception,), callbacks=[after_trial])
+            budget -= 1
+        counts = trial_counts(study)
+        bar.update(task_id, completed=min(counts["complete"] + counts["pruned"], job.target))
     finally:
         bar.stop()
     return study
 
 
+def _result_of(job: TuneJob, study: optuna.Study) -> TuneResult:
+    counts, best = trial_counts(study), best_trial(study)
+    return TuneResult(out_dir=job.out_dir, study_name=job.study_name,
+                      storage=hide_password(storage_url(job.storage, job.out_dir)),
+                      best_value=None if best is None else float(best.value),
+                      best_params={} if best is None else dict(best.params),
+                      n_complete=counts["complete"], n_pruned=counts["pruned"], n_failed=counts["failed"],
+                      best_trial=None if best is None else best.number, metric=job.settings.metric)
+
+
 def finish_search(job: TuneJob, study: optuna.Study) -> TuneResult:
     """trials.csv, best.toml, plots, the final test-split run and summary.json; raises when nothing completed."""
     out_dir, settings = job.out_dir, job.settings
-    counts = _counts(study)
+    counts = trial_counts(study)
     remaining = max(0, job.target - counts["complete"] - counts["pruned"])
-    best = _best(study)
+    best = best_trial(study)
     notes: list[str] = []
     # trials.csv first: it is the record that explains a search where nothing completed
     atomic_write_csv(out_dir / "trials.csv", study.trials_dataframe(), float_format=None)
 
-    result = TuneResult(out_dir=out_dir, study_name=job.study_name,
-                        storage=_hide_password(storage_url(job.storage, out_dir)),
-                        best_value=None if best is None else float(best.value),
-                        best_params={} if best is None else dict(best.params),
-                        n_complete=counts["complete"], n_pruned=counts["pruned"], n_failed=counts["failed"],
-                        best_trial=None if best is None else best.number, metric=settings.metric)
+    result = _result_of(job, study)
     if best is not None:
         header = (f"best parameters of study {job.study_name!r} (trial {best.number}, validation {settings.metric} "
                   f"{metric_text(settings.metric, best.value)})\nfine-tune recipe: {settings.finetune_recipe}\n"
