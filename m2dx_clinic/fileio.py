@@ -20,16 +20,23 @@ import json
 import math
 import os
 import secrets
+import shutil
 import sys
 from pathlib import Path
 from typing import IO, Any, Callable, Literal
+
+
+def _temp_path(path: Path) -> Path:
+    """`.<name>.<pid>.<token>.tmp` beside `path`: unique per writer, and recognised (by the pid) as
+    a dead process's leftover by `rundir.remove_stale_temp_files`."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 def _atomic_write(path: str | Path, write: Callable[[IO[Any]], None], *, fsync: bool, text: bool = False) -> Path:
     """Run `write` on a fresh temporary file next to `path`, optionally fsync, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = _temp_path(path)
     try:
         with (open(tmp, "w", encoding="utf-8") if text else open(tmp, "wb")) as f:
             write(f)
@@ -40,6 +47,21 @@ def _atomic_write(path: str | Path, write: Callable[[IO[Any]], None], *, fsync: 
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def atomic_link_or_copy(source: str | Path, target: str | Path) -> Path:
+    """`target` becomes the same file as `source` (a hard link; a copy across file systems), atomically."""
+    target = Path(target)
+    tmp = _temp_path(target)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copy2(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +33,7 @@ from .evaluation.baseline import chance_references, fit_baseline
 from .evaluation.checks import result_warnings, summary_value
 from .evaluation.clinical import choose_operating_point, clinical_report, p_abnormal
 from .evaluation.plots import plot_confusion, plot_learning_curves, plot_roc_pr
-from .fileio import atomic_write_csv, atomic_write_json, to_jsonable
+from .fileio import atomic_link_or_copy, atomic_write_csv, atomic_write_json, to_jsonable
 from .metrics import aggregate_runs
 from .model_card import write_model_card
 from .models.classifier import Classifier
@@ -172,17 +170,6 @@ def _selected_repeat(outcomes: Sequence["RepeatOutcome"], selection: str) -> int
 
     scored = [o for o in outcomes if key(o) > -math.inf]
     return max(scored, key=key).repeat if scored else outcomes[0].repeat
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    """`target` becomes the same file as `source` (a hard link; a copy across file systems), atomically."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copy2(source, tmp)
-    os.replace(tmp, target)
 
 
 # ---------------------------------------------------------------------------- judging the run
@@ -343,7 +330,7 @@ def write_outputs(run: "FinetuneRun", outcomes: Sequence["RepeatOutcome"], *, pr
         files = [o.classifier for o in outcomes if getattr(o, "classifier", None) is not None]
         if files:
             chosen = _selected_repeat(outcomes, recipe.run.selection)
-            _link_or_copy(next(f for o, f in zip(outcomes, files) if o.repeat == chosen), run_dir / SELECTED_CLASSIFIER)
+            atomic_link_or_copy(next(f for o, f in zip(outcomes, files) if o.repeat == chosen), run_dir / SELECTED_CLASSIFIER)
             metrics["classifiers"] = {"files": [str(f.relative_to(run_dir)) for f in files], "selected_repeat": chosen,
                                       "selected": SELECTED_CLASSIFIER}
     atomic_write_json(run_dir / "metrics.json", metrics, end="")

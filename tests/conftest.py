@@ -54,6 +54,31 @@ def wav_writer(tmp_path: Path):
 
 
 @pytest.fixture(scope="session")
+def demo_icbhi(tmp_path_factory) -> Path:
+    """A generated ICBHI-layout corpus: 8 patients, one 8-s recording each (read-only for the tests)."""
+    from m2dx_clinic.demo_data import make_demo_icbhi
+
+    return make_demo_icbhi(tmp_path_factory.mktemp("icbhi"), num_patients=8, recordings_per_patient=1, seconds=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A tiny M2D (64-d x 2 blocks) saved exactly like a published checkpoint: folder name + training dict."""
+    import datetime as dt
+
+    from m2dx_clinic.checkpoint import atomic_torch_save, checkpoint_folder_name, training_checkpoint
+    from m2dx_clinic.models.m2d import M2D, PredictorConfig
+    from m2dx_clinic.models.vit import ViTConfig
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(embed_dim=64, depth=2, num_heads=4)
+    model = M2D(cfg, PredictorConfig(dim=32, depth=1, num_heads=1), norm_stats=(-6.0, 4.0))
+    folder = tmp_path_factory.mktemp("ckpt") / checkpoint_folder_name(cfg, offline=False, date=dt.date(2024, 1, 1))
+    obj = training_checkpoint(model, epoch=1, optimizer=None, scaler=None, args={}, meta={})
+    return atomic_torch_save(obj, folder / "checkpoint-1.pth")
+
+
+@pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> dict[str, Path]:
     """A 2-epoch tiny_cpu run on demo ICBHI data (trained once per session)."""
     from m2dx_clinic.config import load_recipe

@@ -4,7 +4,6 @@ operating point, warnings that fire when they should, and the model card."""
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import math
 from pathlib import Path
@@ -19,7 +18,6 @@ from sklearn.preprocessing import StandardScaler
 
 from m2dx_clinic import finetune as ft
 from m2dx_clinic.audio import FrontEndConfig, LogMelSpectrogram
-from m2dx_clinic.checkpoint import atomic_torch_save, checkpoint_folder_name, training_checkpoint
 from m2dx_clinic.config import load_recipe
 from m2dx_clinic.data.segments import load_fixed_length
 from m2dx_clinic.data.tasks import load_task
@@ -27,22 +25,12 @@ from m2dx_clinic.evaluation.checks import result_warnings
 from m2dx_clinic.evaluation.clinical import choose_operating_point, clinical_report
 from m2dx_clinic.fileio import to_jsonable
 from m2dx_clinic.metrics import icbhi_scores
-from m2dx_clinic.models.m2d import M2D, PredictorConfig
 from m2dx_clinic.models.vit import ViTConfig
 from m2dx_clinic.recipes import FinetuneRecipe
 
 from conftest import write_wav
 
 TINY = ViTConfig(embed_dim=64, depth=2, num_heads=4)
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = M2D(TINY, PredictorConfig(dim=32, depth=1, num_heads=1), norm_stats=(-6.0, 4.0))
-    folder = tmp_path_factory.mktemp("ckpt") / checkpoint_folder_name(TINY, offline=False, date=dt.date(2024, 1, 1))
-    return atomic_torch_save(training_checkpoint(model, epoch=1, optimizer=None, scaler=None, args={}, meta={}),
-                             folder / "checkpoint-1.pth")
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import torch
 
 from m2dx_clinic import checkpoint, config
 from m2dx_clinic.fileio import (
+    atomic_link_or_copy,
     atomic_save_npy,
     atomic_savefig,
     atomic_torch_save,
@@ -38,6 +39,31 @@ def test_each_writer_creates_the_folder_and_leaves_no_temporary_file(tmp_path):
     atomic_write_json(folder / "y.json", [], end="")
     assert (folder / "y.json").read_text() == "[]"
     assert sorted(p.name for p in folder.iterdir()) == ["x.bin", "x.json", "x.npy", "x.pth", "x.txt", "y.json"]
+
+
+def test_link_or_copy_replaces_the_target_with_the_same_file(tmp_path, monkeypatch):
+    import os
+
+    from m2dx_clinic import fileio
+    from m2dx_clinic.rundir import remove_stale_temp_files
+
+    source = atomic_write_bytes(tmp_path / "repeat-1.pt", b"weights")
+    atomic_write_bytes(tmp_path / "classifier.pt", b"old")
+    atomic_link_or_copy(source, tmp_path / "classifier.pt")
+    assert (tmp_path / "classifier.pt").read_bytes() == b"weights"
+    assert os.stat(tmp_path / "classifier.pt").st_ino == os.stat(source).st_ino  # a link, not a copy
+
+    def no_links(src, dst):
+        raise OSError("cross-device link")
+
+    monkeypatch.setattr(fileio.os, "link", no_links)
+    atomic_link_or_copy(source, tmp_path / "copy.pt")
+    assert (tmp_path / "copy.pt").read_bytes() == b"weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classifier.pt", "copy.pt", "repeat-1.pt"]
+    # the temporary name is the one a later run recognises as a dead writer's leftover
+    leftover = fileio._temp_path(tmp_path / "classifier.pt").name.replace(str(os.getpid()), "999999999")
+    (tmp_path / leftover).write_bytes(b"")
+    assert [p.name for p in remove_stale_temp_files(tmp_path)] == [leftover]
 
 
 def test_a_failed_write_keeps_the_old_file_and_removes_the_temporary_one(tmp_path):

@@ -4,7 +4,6 @@ honest model selection, and outputs that can be recomputed from predictions.csv 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import json
 import time
 from pathlib import Path
@@ -22,10 +21,8 @@ from m2dx_clinic.checkpoint.classifier import load_classifier
 from m2dx_clinic.augment import spec_augment
 from m2dx_clinic.data import segment_cache
 from m2dx_clinic.objectives import inverse_frequency_weights
-from m2dx_clinic.checkpoint import atomic_torch_save, checkpoint_folder_name, training_checkpoint
 from m2dx_clinic.config import RECIPES_DIR, load_recipe
 from m2dx_clinic.data.tasks import load_task
-from m2dx_clinic.demo_data import make_demo_icbhi
 from m2dx_clinic.errors import AudioError, CheckpointError, ConfigError
 from m2dx_clinic.config import load_params_toml
 from m2dx_clinic.data.segment_cache import prepare_segments as prepare_cycles
@@ -33,7 +30,6 @@ from m2dx_clinic.finetune import backward_batch, finetune, predict, train_epoch
 from m2dx_clinic.recipes import TEST_BEST_LABEL, FinetuneRecipe
 from m2dx_clinic.metrics import aggregate_runs, icbhi_scores
 from m2dx_clinic.models.classifier import Classifier
-from m2dx_clinic.models.m2d import M2D, PredictorConfig
 from m2dx_clinic.models.vit import AudioViT, ViTConfig
 
 TINY = ViTConfig(embed_dim=64, depth=2, num_heads=4)
@@ -42,21 +38,6 @@ OUTPUTS = ("recipe.toml", "metrics.json", "epochs.csv", "predictions.csv", "conf
 
 
 # ---------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def demo_icbhi(tmp_path_factory) -> Path:
-    return make_demo_icbhi(tmp_path_factory.mktemp("icbhi"), num_patients=8, recordings_per_patient=1, seconds=8)
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    """A tiny M2D saved exactly like a published checkpoint (folder name + training dict)."""
-    torch.manual_seed(0)
-    model = M2D(TINY, PredictorConfig(dim=32, depth=1, num_heads=1), norm_stats=(-6.0, 4.0))
-    folder = tmp_path_factory.mktemp("ckpt") / checkpoint_folder_name(TINY, offline=False, date=dt.date(2024, 1, 1))
-    obj = training_checkpoint(model, epoch=1, optimizer=None, scaler=None, args={"note": "test"}, meta={})
-    return atomic_torch_save(obj, folder / "checkpoint-1.pth")
-
-
 def recipe_for(tmp_path: Path, *overrides: str) -> FinetuneRecipe:
     """The tiny CPU recipe, 2 epochs, 2-s cycles (fast), outputs and cache under tmp_path."""
     base = [f"run.out='{tmp_path / 'run'}'", f"data.cache_dir='{tmp_path / 'cache'}'", "optim.epochs=2",

@@ -3,7 +3,6 @@ inputs), `m2dx embed -c CLASSIFIER`, and the ONNX / safetensors exports."""
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import shutil
 import subprocess
@@ -17,16 +16,14 @@ import soundfile as sf
 import torch
 
 from m2dx_clinic.audio import AUDIO_SUFFIXES, load_audio
-from m2dx_clinic.checkpoint import atomic_torch_save, checkpoint_folder_name, load_checkpoint_file, training_checkpoint
+from m2dx_clinic.checkpoint import atomic_torch_save, load_checkpoint_file
 from m2dx_clinic.checkpoint.classifier import load_classifier
 from m2dx_clinic.config import load_recipe
 from m2dx_clinic.data.segment_cache import prepare_segments
 from m2dx_clinic.data.tasks import load_task
-from m2dx_clinic.demo_data import make_demo_icbhi
 from m2dx_clinic.embed import embed_files, encode_waveform
 from m2dx_clinic.errors import CheckpointError
 from m2dx_clinic.finetune import finetune
-from m2dx_clinic.models.m2d import M2D, PredictorConfig
 from m2dx_clinic.models.vit import ViTConfig
 from m2dx_clinic.predict import Recording, plan_segments, predict
 from m2dx_clinic.recipes import FinetuneRecipe
@@ -35,20 +32,6 @@ from conftest import write_wav
 
 TINY = ViTConfig(embed_dim=64, depth=2, num_heads=4)
 CLI = [sys.executable, "-m", "m2dx_clinic"]
-
-
-@pytest.fixture(scope="module")
-def demo_icbhi(tmp_path_factory) -> Path:
-    return make_demo_icbhi(tmp_path_factory.mktemp("icbhi"), num_patients=8, recordings_per_patient=1, seconds=8)
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = M2D(TINY, PredictorConfig(dim=32, depth=1, num_heads=1), norm_stats=(-6.0, 4.0))
-    folder = tmp_path_factory.mktemp("ckpt") / checkpoint_folder_name(TINY, offline=False, date=dt.date(2024, 1, 1))
-    obj = training_checkpoint(model, epoch=1, optimizer=None, scaler=None, args={}, meta={})
-    return atomic_torch_save(obj, folder / "checkpoint-1.pth")
 
 
 @pytest.fixture(scope="module")
