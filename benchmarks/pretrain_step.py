@@ -27,10 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from m2dx_clinic.data.crops import mix_in_log_domain  # noqa: E402
 from m2dx_clinic.models.m2d import M2D, PredictorConfig  # noqa: E402
+from m2dx_clinic.models.cpu_kernels import use_fast_cpu_kernels  # noqa: E402
 from m2dx_clinic.models.vit import AudioViT, ViTConfig, param_groups  # noqa: E402
 from m2dx_clinic.objectives import TeacherTask  # noqa: E402
 from m2dx_clinic.pretrain import compile_for_training, m2dx_losses, optimizer_step  # noqa: E402
-from m2dx_clinic.runtime import pick_amp  # noqa: E402
+from m2dx_clinic.runtime import fused_optimizer, keep_freed_cpu_memory, pick_amp  # noqa: E402
 
 
 def encoder_flops(tokens: int, dim: int, depth: int, mlp_ratio: float) -> float:
@@ -93,6 +94,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU for MFU")
     ap.add_argument("--profile", type=Path, default=None, help="write a torch.profiler table of 5 steps to this file")
+    ap.add_argument("--cpu-kernels", choices=["fast", "default"], default="fast",
+                    help="fast: the training loop's CPU kernels (oneDNN linear in fp32, matmul attention in bf16)")
+    ap.add_argument("--cpu-memory", choices=["keep", "default"], default="keep",
+                    help="keep: the training loop's glibc setting that keeps freed step memory (runtime.keep_freed_cpu_memory)")
     ap.add_argument("--sdpa", choices=sorted(SDPA_BACKENDS), default="auto",
                     help="force one scaled-dot-product-attention kernel (auto: PyTorch's choice)")
     args = ap.parse_args()
@@ -114,10 +119,16 @@ def measure(args: argparse.Namespace) -> dict:
     if args.offline == "teacher":
         teacher_task = TeacherTask(AudioViT(vit).to(device))
     model = M2D(vit, pred, offline_dim=teacher_task.out_dim if teacher_task else None).to(device)
-    forward_model = compile_for_training(model, teacher_task, args.compile_mode) if args.compile else model
     amp = pick_amp(args.amp, device)  # the training loop's own choice for this device
-    use_fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=use_fused)
+    kernel_notes = []
+    if device.type == "cpu" and args.cpu_memory == "keep" and keep_freed_cpu_memory():
+        kernel_notes.append("freed step memory kept")
+    if args.cpu_kernels == "fast":  # as the training loop does
+        kernel_notes += use_fast_cpu_kernels([model, teacher_task.teacher if teacher_task else None], device, amp)
+    if teacher_task is not None and amp == torch.bfloat16:
+        teacher_task.teacher.to(torch.bfloat16)  # as the training loop does: frozen, cast once
+    forward_model = compile_for_training(model, teacher_task, args.compile_mode) if args.compile else model
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=fused_optimizer(device))
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
 
     lms = torch.randn(args.batch, 1, *args.input, device=device) * 4.2 - 7.1
@@ -170,6 +181,7 @@ def measure(args: argparse.Namespace) -> dict:
         "amp": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp],
         "compile": args.compile and args.compile_mode,
         "sdpa": args.sdpa,
+        "cpu_kernels": kernel_notes,
         "steps": args.steps,
         "samples_per_s": round(samples_per_s, 2),
         "step_ms": round(step_s * 1000, 2),

@@ -40,6 +40,7 @@ from .errors import ConfigError, DataError
 from .finetune_outputs import SCORE_KEYS, EpochsLog, FinetuneResult, save_repeat_classifier, write_outputs
 from .metrics import icbhi_scores
 from .models.classifier import Classifier
+from .models.cpu_kernels import use_fast_cpu_kernels
 from .models.vit import AudioViT
 from .objectives import inverse_frequency_weights, lr_at, soft_cross_entropy
 from .progress import console, make_progress
@@ -49,6 +50,8 @@ from .runtime import (
     SUBSET_SEED,
     TrainingDiverged,
     autocast,
+    fused_optimizer,
+    keep_freed_cpu_memory,
     pick_amp,
     pick_device,
     seed_everything,
@@ -246,10 +249,12 @@ def build_classifier(encoder: AudioViT, num_classes: int, recipe: FinetuneRecipe
 
 
 def make_optimizer(model: Classifier, o: FtOptimSection, layer_decay: float) -> torch.optim.Optimizer:
+    """Adam (the paper) or AdamW over the layer-decay groups, fused where the device has the kernel."""
     groups = model.param_groups(o.lr, o.weight_decay, layer_decay)
+    fused = fused_optimizer(next(model.parameters()).device)
     if o.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr)
-    return torch.optim.Adam(groups, lr=o.lr)
+        return torch.optim.AdamW(groups, lr=o.lr, fused=fused)
+    return torch.optim.Adam(groups, lr=o.lr, fused=fused)
 
 
 def epoch_order(labels: Sequence[int], num_classes: int, weighting: str, generator: torch.Generator) -> torch.Tensor:
@@ -481,6 +486,9 @@ def prepare_run(
     device = pick_device(recipe.run.device)
     amp_dtype = pick_amp(recipe.run.amp, device)
     use_deterministic_kernels(recipe.run.deterministic)
+    notes += use_fast_cpu_kernels([encoder], device, amp_dtype)  # the repeats' classifiers copy the encoder's kernels
+    if device.type == "cpu" and keep_freed_cpu_memory():
+        notes.append("CPU: freed step memory is kept for the next step (fewer page faults)")
     frontend = FrontEndConfig.for_sample_rate(encoder.config.sample_rate)
 
     run_dir = Path(recipe.run.out) if recipe.run.out else default_run_dir(recipe.name)

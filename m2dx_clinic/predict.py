@@ -34,7 +34,8 @@ from .data.segments import Segment, read_manifest
 from .errors import AudioError, CheckpointError, ConfigError, DataError, M2DXError
 from .fileio import atomic_write_csv, atomic_write_json
 from .progress import make_progress
-from .runtime import autocast, pick_amp, pick_device
+from .models.cpu_kernels import use_fast_cpu_kernels
+from .runtime import autocast, keep_freed_cpu_memory, pick_amp, pick_device
 
 SegmentMode = Literal["auto", "annotations", "window"]
 MIN_WINDOW_FRACTION = 0.5  # a last, partial window shorter than this fraction of a window is dropped
@@ -182,6 +183,9 @@ def predict(
         raise ConfigError(f"--window-seconds and --hop-seconds must be positive numbers, got {window} / {hop}")
     dev = pick_device(device)
     amp_dtype = pick_amp(amp, dev) if amp != "off" else None
+    use_fast_cpu_kernels([member.model for member in models.members], dev, amp_dtype)
+    if dev.type == "cpu":
+        keep_freed_cpu_memory()
     frontend = head.frontend
     classes, normal = head.classes, head.normal_index
     threshold = models.operating_point["threshold"] if models.operating_point else None

@@ -39,6 +39,7 @@ from .data.segments import list_segments, read_manifest
 from .errors import ConfigError
 from .fileio import atomic_torch_save, atomic_write_json
 from .models.m2d import M2D, PredictorConfig
+from .models.cpu_kernels import use_fast_cpu_kernels
 from .models.vit import AudioViT, ViTConfig, param_groups
 from .objectives import (
     LabelsTask,
@@ -57,7 +58,9 @@ from .runtime import (
     TrainingDiverged,
     autocast,
     epoch_shuffle_seed,
+    fused_optimizer,
     init_distributed,
+    keep_freed_cpu_memory,
     pick_amp,
     pick_device,
     rng_state,
@@ -208,6 +211,11 @@ class Pretrainer:
             teacher, saved = freeze_initial_encoder(self.model, run_dir)
             recipe.objective.teacher = str(saved)
             self.notes.append(f"no base checkpoint: the teacher is the frozen initial encoder ({saved})")
+        self.notes += use_fast_cpu_kernels([self.model, teacher], self.device, self.amp_dtype)
+        if self.device.type == "cpu" and keep_freed_cpu_memory():
+            self.notes.append("CPU: freed step memory is kept for the next step (fewer page faults)")
+        if teacher is not None and self.amp_dtype == torch.bfloat16:
+            teacher.to(torch.bfloat16)  # frozen: cast once, not at every step (autocast would cast its weights anew)
         self.task = build_offline_task(recipe, self.data.label_names, teacher, self.device)
         if teacher is not None and (teacher.config.input_size[1] != vit.input_size[1]
                                     or teacher.config.patch_size[1] != vit.patch_size[1]):
@@ -218,7 +226,7 @@ class Pretrainer:
         o = recipe.optim
         self.lr = effective_lr(o.blr, o.batch_size, o.accum_steps, self.ddp.world_size)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=self.lr, betas=tuple(o.betas),
-                                           fused=self.device.type == "cuda")
+                                           fused=fused_optimizer(self.device))
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.ddp_model = self.model
         if self.ddp.enabled:

@@ -88,7 +88,7 @@ class RunSection:
     save_every: int = 100  # epochs between published-layout checkpoints (the last epoch is always saved)
     max_steps: int = 0  # stop after this many optimiser steps (0 = no limit); for smoke runs
     log_every: int = 10  # optimiser steps between log lines
-    compile: bool = False  # torch.compile the model (GPU; +50% throughput on an H200, ~1 min to compile)
+    compile: bool = False  # torch.compile the model (+50% on an H200; on a CPU within noise of eager; ~1 min to compile)
     report_on_save: bool = True  # refresh report/ (curves + label-free health) after each checkpoint, in the background
     tag: str = ""  # appended to the checkpoint folder name
     deterministic: bool = False  # deterministic GPU kernels (slower); CPU runs are reproducible without it

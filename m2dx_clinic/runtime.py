@@ -12,8 +12,11 @@ rank r of seed s never replays rank 0 of a nearby seed.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import random
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,6 +130,34 @@ def pick_amp(choice: str, device: torch.device) -> torch.dtype | None:
     if choice == "bf16" or torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float16
+
+
+def fused_optimizer(device: torch.device) -> bool:
+    """Adam(W)'s fused kernel: one pass over each tensor on CUDA and on the CPU (3x the CPU for-loop here)."""
+    return device.type in ("cuda", "cpu")
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
+
+
+@functools.cache
+def keep_freed_cpu_memory() -> bool:
+    """Ask glibc to keep freed activation memory for the next step instead of returning it to the OS.
+
+    Why: a CPU training step frees and re-allocates the same tens of MB of activations every step.
+    By default glibc serves such blocks with mmap and trims the heap top, so each step page-faults them
+    in again (about 500,000 faults and a fifth of the step at the small recipe, BENCHMARKS.md). Blocks
+    up to 32 MiB now come from the heap and the heap keeps up to 1 GiB of free top. The process holds
+    its peak step memory between steps. A no-op (False) where the C library is not glibc.
+    """
+    if sys.platform != "linux":
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
 
 
 def autocast(device: torch.device | str, dtype: torch.dtype | None):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from m2dx_clinic import checkpoint as ckpt_io
 from m2dx_clinic.weights import load_encoder
@@ -267,3 +269,92 @@ def test_bf16_step_on_cpu_matches_fp32_closely():
         assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
         model.zero_grad()
     assert values[torch.bfloat16] == pytest.approx(values[None], rel=0.05)
+
+
+def _m2dx_step_values(model, teacher, x) -> tuple[float, list[torch.Tensor]]:
+    """One fp32 M2D-X step with fixed masks: the loss and every gradient."""
+    torch.manual_seed(1)  # the same masks
+    losses = m2dx_losses(model, model, teacher, x, x, {}, mask_ratio=0.7, lambda_m2d=1.0, lambda_off=1.0,
+                         amp_dtype=None)
+    losses["loss"].backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    return losses["loss"].item(), grads
+
+
+def test_matmul_attention_gives_the_fused_kernels_losses_and_gradients():
+    """The CPU bf16 path's attention (two matmuls + softmax) is the same function as SDPA: checked in fp32."""
+    from m2dx_clinic.models.cpu_kernels import use_matmul_attention
+
+    model, teacher = tiny_m2dx()
+    x = torch.randn(4, 1, 80, 200)
+    fused_loss, fused_grads = _m2dx_step_values(model, teacher, x)
+    assert use_matmul_attention(model) == 2 * 2 + 1 and use_matmul_attention(teacher.teacher) == 2
+    matmul_loss, matmul_grads = _m2dx_step_values(model, teacher, x)
+    assert matmul_loss == pytest.approx(fused_loss, rel=1e-6, abs=1e-6)
+    for a, b in zip(fused_grads, matmul_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_onednn_linear_gives_nn_linears_losses_gradients_and_state_dict():
+    """The CPU fp32 path's oneDNN products compute the same step; parameters and keys are untouched."""
+    import copy
+
+    from m2dx_clinic.models.cpu_kernels import OneDnnLinear, onednn_linear_available, use_onednn_linear
+
+    if not onednn_linear_available():
+        pytest.skip("this PyTorch build has no oneDNN linear op")
+    model, teacher = tiny_m2dx()
+    x = torch.randn(4, 1, 80, 200)
+    keys = list(model.state_dict())
+    plain_loss, plain_grads = _m2dx_step_values(model, teacher, x)
+    switched = use_onednn_linear(model)
+    assert switched == sum(isinstance(m, OneDnnLinear) for m in model.modules()) > 10
+    use_onednn_linear(teacher.teacher)
+    assert list(model.state_dict()) == keys
+    assert isinstance(copy.deepcopy(model).blocks[0].mlp.fc1, OneDnnLinear)  # EMA copies keep the kernels
+    fast_loss, fast_grads = _m2dx_step_values(model, teacher, x)
+    assert fast_loss == pytest.approx(plain_loss, rel=1e-5, abs=1e-6)
+    assert len(fast_grads) == len(plain_grads)
+    for a, b in zip(plain_grads, fast_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    assert use_onednn_linear(model, enabled=False) == switched
+    assert not any(isinstance(m, OneDnnLinear) for m in model.modules())
+
+
+def test_onednn_linear_falls_back_where_it_does_not_apply():
+    """Autocast, empty batches and graph capture (torch.compile, torch.export, ONNX) see a plain `F.linear`."""
+    from m2dx_clinic.models.cpu_kernels import OneDnnLinear
+
+    layer = nn.Linear(6, 3)
+    layer.__class__ = OneDnnLinear
+    x = torch.randn(2, 5, 6)
+    assert layer(x).shape == (2, 5, 3)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+    exported = torch.export.export(layer, (x,))  # what torch.compile and the ONNX exporter trace
+    assert "mkldnn" not in str(exported.graph) and "linear" in str(exported.graph)
+    torch.testing.assert_close(exported.module()(x), layer(x))
+    assert layer(torch.zeros(0, 6)).shape == (0, 3)
+
+
+def test_cpu_training_picks_the_faster_kernels(tmp_path, demo_audio, monkeypatch):
+    """bf16: matmul attention in student and teacher; fp32: oneDNN linear layers, SDPA attention."""
+    from m2dx_clinic import runtime
+    from m2dx_clinic.models.cpu_kernels import OneDnnLinear, onednn_linear_available
+    from m2dx_clinic.pretrain import Pretrainer
+
+    monkeypatch.setattr(runtime, "cpu_has_bf16_matmul", lambda: True)
+    recipe = tiny_recipe(tmp_path, demo_audio, "run.amp=bf16")
+    trainer = Pretrainer(recipe, tmp_path / "run")
+    attention = [m for m in trainer.model.modules() if hasattr(m, "fused_attn")]
+    assert attention and not any(m.fused_attn for m in attention)
+    assert not any(m.fused_attn for m in trainer.task.teacher.modules() if hasattr(m, "fused_attn"))
+    assert not any(isinstance(m, OneDnnLinear) for m in trainer.model.modules())
+    fp32 = Pretrainer(tiny_recipe(tmp_path / "b", demo_audio), tmp_path / "b" / "run")
+    assert all(m.fused_attn for m in fp32.model.modules() if hasattr(m, "fused_attn"))
+    if onednn_linear_available():
+        assert isinstance(fp32.model.blocks[0].attn.qkv, OneDnnLinear)
+        assert isinstance(fp32.task.teacher.blocks[0].mlp.fc2, OneDnnLinear)
+        assert any("oneDNN" in note for note in fp32.notes)
