@@ -268,10 +268,7 @@ def embed_cmd(
     for note in result.notes:
         console.print(f"[dim]{note}[/]")
     console.print(f"wrote {len(result.written)} file(s) to {out}")
-    if result.failed:
-        for path, problem in result.failed:
-            print(f"failed: {path}: {problem}", file=sys.stderr)
-        raise typer.Exit(2)
+    _exit_if_files_failed(result.failed)
 
 
 # ----------------------------------------------------------------------------- using the classifier
@@ -305,9 +302,14 @@ def predict_cmd(
     if s["real_time_factor"]:
         _console().print(f"{s['recordings_per_s']:.2f} recordings/s, {s['real_time_factor']:.0f}x real time on {s['device']}")
     _console().print(f"[green]wrote[/] {out / 'segments.csv'}, {out / 'recordings.csv'}, {out / 'summary.json'}")
-    if result.failed:
-        for path, problem in result.failed:
-            print(f"error: {path}: {problem}", file=sys.stderr)
+    _exit_if_files_failed(result.failed)
+
+
+def _exit_if_files_failed(failed: list[tuple[Path, str]]) -> None:
+    """The good files are written; name each bad one on its own line and exit 2."""
+    for path, problem in failed:
+        print(f"error: {path}: {problem.removeprefix(f'{path}: ')}", file=sys.stderr)
+    if failed:
         raise typer.Exit(2)
 
 

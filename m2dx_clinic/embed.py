@@ -21,6 +21,7 @@ from .errors import AudioError
 from .fileio import atomic_save_npy
 from .models.vit import AudioViT
 from .progress import make_progress
+from .runtime import pick_device
 
 
 @dataclass
@@ -127,7 +128,7 @@ def embed_files(
     out_dir: Path,
     *,
     clip: bool = False,
-    device: str = "cpu",
+    device: str = "auto",
     progress: bool = True,
 ) -> EmbedResult:
     """Encode every audio file in `inputs` (files or folders) and write one `.npy` per file into `out_dir`.
@@ -136,8 +137,9 @@ def embed_files(
     the mean over time [F*D]. Unusable audio is collected in `result.failed` and the run goes on;
     checkpoint problems raise `CheckpointError` at once since nothing could be encoded.
     """
-    encoder = load_encoder(checkpoint).to(device)
-    frontend = frontend_for(encoder).to(device)
+    dev = pick_device(device)  # "auto": CUDA when present, like every other command
+    encoder = load_encoder(checkpoint).to(dev)
+    frontend = frontend_for(encoder).to(dev)
     sample_rate = encoder.config.sample_rate
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -105,3 +105,25 @@ def test_output_names_disambiguates_repeatedly():
     names, notes = output_names([Path("a/s.wav"), Path("b/s.wav"), Path("c/b/s.flac"), Path("d/t.wav")])
     assert names == ["s.npy", "b__s.npy", "b__s__2.npy", "t.npy"]
     assert len(notes) == 2
+
+
+def test_embed_command_defaults_to_auto_device_and_names_each_bad_file(tiny_checkpoint, wav_writer, tmp_path):
+    """The CLI's default `--device auto` resolves like every command's; a bad file is one line, exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    good = wav_writer("good.wav", _noise(1.0, 3))
+    bad = tmp_path / "notes.wav"
+    bad.write_text("not audio")
+    cmd = [sys.executable, "-m", "m2dx_clinic", "embed", "-c", str(tiny_checkpoint), "--clip"]
+    env = {**os.environ, "M2DX_NO_PROGRESS": "1"}
+    ok = subprocess.run([*cmd, str(good), "--out", str(tmp_path / "a")], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert np.load(tmp_path / "a" / "good.npy").shape == (5 * 64,)  # F*D of the 80-mel, 16-row patches
+    failed = subprocess.run([*cmd, str(good), str(bad), "--out", str(tmp_path / "b")], capture_output=True,
+                            text=True, env=env)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {bad}: cannot read audio")  # named once in front
+    assert (tmp_path / "b" / "good.npy").exists()  # the good file is still written
