@@ -120,10 +120,8 @@ def measure(args: argparse.Namespace) -> dict:
         teacher_task = TeacherTask(AudioViT(vit).to(device))
     model = M2D(vit, pred, offline_dim=teacher_task.out_dim if teacher_task else None).to(device)
     amp = pick_amp(args.amp, device)  # the training loop's own choice for this device
-    kernel_notes = []
-    if device.type == "cpu" and args.cpu_memory == "keep" and keep_freed_cpu_memory():
-        kernel_notes.append("freed step memory kept")
-    if args.cpu_kernels == "fast":  # as the training loop does
+    kernel_notes = keep_freed_cpu_memory(device) if args.cpu_memory == "keep" else []  # as the training loop does
+    if args.cpu_kernels == "fast":
         kernel_notes += use_fast_cpu_kernels([model, teacher_task.teacher if teacher_task else None], device, amp)
     if teacher_task is not None and amp == torch.bfloat16:
         teacher_task.teacher.to(torch.bfloat16)  # as the training loop does: frozen, cast once

@@ -487,8 +487,7 @@ def prepare_run(
     amp_dtype = pick_amp(recipe.run.amp, device)
     use_deterministic_kernels(recipe.run.deterministic)
     notes += use_fast_cpu_kernels([encoder], device, amp_dtype)  # the repeats' classifiers copy the encoder's kernels
-    if device.type == "cpu" and keep_freed_cpu_memory():
-        notes.append("CPU: freed step memory is kept for the next step (fewer page faults)")
+    notes += keep_freed_cpu_memory(device)
     frontend = FrontEndConfig.for_sample_rate(encoder.config.sample_rate)
 
     run_dir = Path(recipe.run.out) if recipe.run.out else default_run_dir(recipe.name)

@@ -184,8 +184,7 @@ def predict(
     dev = pick_device(device)
     amp_dtype = pick_amp(amp, dev) if amp != "off" else None
     use_fast_cpu_kernels([member.model for member in models.members], dev, amp_dtype)
-    if dev.type == "cpu":
-        keep_freed_cpu_memory()
+    keep_freed_cpu_memory(dev)
     frontend = head.frontend
     classes, normal = head.classes, head.normal_index
     threshold = models.operating_point["threshold"] if models.operating_point else None

@@ -212,8 +212,7 @@ class Pretrainer:
             recipe.objective.teacher = str(saved)
             self.notes.append(f"no base checkpoint: the teacher is the frozen initial encoder ({saved})")
         self.notes += use_fast_cpu_kernels([self.model, teacher], self.device, self.amp_dtype)
-        if self.device.type == "cpu" and keep_freed_cpu_memory():
-            self.notes.append("CPU: freed step memory is kept for the next step (fewer page faults)")
+        self.notes += keep_freed_cpu_memory(self.device)
         if teacher is not None and self.amp_dtype == torch.bfloat16:
             teacher.to(torch.bfloat16)  # frozen: cast once, not at every step (autocast would cast its weights anew)
         self.task = build_offline_task(recipe, self.data.label_names, teacher, self.device)

@@ -140,16 +140,24 @@ def fused_optimizer(device: torch.device) -> bool:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
 
 
-@functools.cache
-def keep_freed_cpu_memory() -> bool:
-    """Ask glibc to keep freed activation memory for the next step instead of returning it to the OS.
+def keep_freed_cpu_memory(device: torch.device) -> list[str]:
+    """On a CPU, ask glibc to keep freed activation memory for the next step instead of returning it
+    to the OS. Returns the note for the run's log (none off the CPU or where it does not apply).
 
     Why: a CPU training step frees and re-allocates the same tens of MB of activations every step.
     By default glibc serves such blocks with mmap and trims the heap top, so each step page-faults them
     in again (about 500,000 faults and a fifth of the step at the small recipe, BENCHMARKS.md). Blocks
     up to 32 MiB now come from the heap and the heap keeps up to 1 GiB of free top. The process holds
-    its peak step memory between steps. A no-op (False) where the C library is not glibc.
+    its peak step memory between steps. A no-op where the C library is not glibc.
     """
+    if device.type != "cpu" or not _glibc_keeps_freed_memory():
+        return []
+    return ["CPU: freed step memory is kept for the next step (fewer page faults)"]
+
+
+@functools.cache
+def _glibc_keeps_freed_memory() -> bool:
+    """The two mallopt calls, once per process; False where there is no glibc."""
     if sys.platform != "linux":
         return False
     try:

@@ -358,3 +358,16 @@ def test_cpu_training_picks_the_faster_kernels(tmp_path, demo_audio, monkeypatch
         assert isinstance(fp32.model.blocks[0].attn.qkv, OneDnnLinear)
         assert isinstance(fp32.task.teacher.blocks[0].mlp.fc2, OneDnnLinear)
         assert any("oneDNN" in note for note in fp32.notes)
+
+
+def test_freed_cpu_memory_is_kept_only_for_cpu_runs():
+    """The glibc setting applies to CPU runs and says so in the run's notes; other devices get nothing."""
+    import platform
+
+    from m2dx_clinic.runtime import keep_freed_cpu_memory
+
+    assert keep_freed_cpu_memory(torch.device("meta")) == []
+    notes = keep_freed_cpu_memory(torch.device("cpu"))
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert len(notes) == 1 and "freed step memory" in notes[0]
+    assert keep_freed_cpu_memory(torch.device("cpu")) == notes  # applied once, the same answer after

@@ -93,18 +93,16 @@ class M2D(AudioViT):
         """Visible patch tokens (with positions) -> encoder output [B, 1+Lv, D] (CLS first)."""
         return self.run_blocks(gather_tokens(patches, ids_visible))
 
-    def predict_masked(self, encoded: torch.Tensor, ids_shuffle: torch.Tensor, len_keep: int,
-                       ids_restore: torch.Tensor | None = None) -> torch.Tensor:
+    def predict_masked(self, encoded: torch.Tensor, ids_shuffle: torch.Tensor, ids_restore: torch.Tensor,
+                       len_keep: int) -> torch.Tensor:
         """Predictor: encoder output [B, 1+Lv, D] -> predictions for the masked patches [B, Lm, D] (shuffle order).
 
-        `ids_restore` (the inverse permutation of `ids_shuffle`) is computed when not given.
+        `ids_restore` [B, L] is the inverse permutation of `ids_shuffle` [B, L].
         """
         x = self.decoder_embed(encoded)  # [B, 1+Lv, P]
         b, n_patches = ids_shuffle.shape
         mask_tokens = self.mask_token.to(x.dtype).expand(b, n_patches - len_keep, -1)
         shuffled = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # [B, L, P] in shuffle order
-        if ids_restore is None:
-            ids_restore = torch.argsort(ids_shuffle, dim=1)
         unshuffled = gather_tokens(shuffled, ids_restore)  # [B, L, P] in patch order
         x = torch.cat([x[:, :1, :], unshuffled], dim=1) + self.decoder_pos_embed.to(x.dtype)
         for block in self.decoder_blocks:
@@ -122,13 +120,10 @@ class M2D(AudioViT):
         return self.target_norm(x)[:, 1:, :]
 
     def offline_features(
-        self, encoded: torch.Tensor, predicted: torch.Tensor, ids_shuffle: torch.Tensor,
-        ids_restore: torch.Tensor | None = None,
+        self, encoded: torch.Tensor, predicted: torch.Tensor, ids_restore: torch.Tensor
     ) -> torch.Tensor:
         """M2D-X: [visible outputs, predictions] in patch order -> [B, T', F*D] -> offline_predictor -> [B, T', off_dim]."""
         z = torch.cat([encoded[:, 1:, :], predicted.to(encoded.dtype)], dim=1)  # shuffle order
-        if ids_restore is None:
-            ids_restore = torch.argsort(ids_shuffle, dim=1)
         z = gather_tokens(z, ids_restore)  # patch order
         return self.offline_predictor(self.stack_frequency(z))
 
@@ -139,10 +134,10 @@ class M2D(AudioViT):
         patches = self.embed_patches(lms)  # [B, L, D]
         ids_restore = torch.argsort(ids_shuffle, dim=1)  # one inverse permutation for the predictor and M2D-X
         encoded = self.encode_visible(patches, ids_shuffle[:, :len_keep])
-        predicted = self.predict_masked(encoded, ids_shuffle, len_keep, ids_restore)
+        predicted = self.predict_masked(encoded, ids_shuffle, ids_restore, len_keep)
         out = {"predicted": predicted, "target": self.target_features(patches.detach(), ids_shuffle[:, len_keep:])}
         if self.offline_predictor is not None:
-            out["offline"] = self.offline_features(encoded, predicted, ids_shuffle, ids_restore)
+            out["offline"] = self.offline_features(encoded, predicted, ids_restore)
         return out
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
