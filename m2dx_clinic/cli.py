@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from .errors import ConfigError, M2DXError
+from .errors import ConfigError, M2DXError, os_limit_error
 
 app = typer.Typer(
     name="m2dx",
@@ -512,6 +512,12 @@ def main() -> None:
     except M2DXError as exc:
         message = " ".join(str(exc).split())
         print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except (OSError, RuntimeError) as exc:
+        limit = os_limit_error(exc)  # open files, disk space, memory maps: a setting to change, not a bug
+        if limit is None:
+            raise
+        print(f"error: {limit}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted; a further-pretrain run continues with --resume RUN_DIR", file=sys.stderr)

@@ -50,3 +50,42 @@ def one_line(exc: BaseException, *, limit: int = 160, with_type: bool = False) -
     if with_type or not text:
         text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class ResourceLimitError(M2DXError):
+    """The operating system refused a resource (open files, disk space, memory maps): the fix is a setting."""
+
+
+_LIMIT_TEXTS = {"Too many open files": "EMFILE", "No space left on device": "ENOSPC",
+                "Cannot allocate memory": "ENOMEM"}
+
+
+def os_limit_error(exc: BaseException) -> ResourceLimitError | None:
+    """The one-line explanation of an OS limit hit anywhere below (also inside a loader worker), or None.
+
+    A DataLoader worker's OSError reaches the main process as a re-raised exception without its
+    errno, so the standard messages are recognised too.
+    """
+    import errno
+    import resource
+
+    code = getattr(exc, "errno", None)
+    name = errno.errorcode.get(code, "") if isinstance(code, int) else ""
+    if not name:
+        name = next((n for text, n in _LIMIT_TEXTS.items() if text in str(exc)), "")
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    if name in ("EMFILE", "ENFILE"):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        suggested = 4096 if hard == resource.RLIM_INFINITY else min(max(4096, soft * 4), hard)
+        return ResourceLimitError(
+            f"too many open files{where}: this shell allows {soft}; raise it with `ulimit -n {suggested}` "
+            "before the command, or lower data.loader_workers / data.cache_workers")
+    if name == "ENOSPC":
+        return ResourceLimitError(
+            f"no space left on the device{where}; free space there, or point data.cache_dir / --out at a "
+            "larger disk (a cache folder can be emptied with `m2dx cache clean`)")
+    if name == "ENOMEM" and ("mmap" in str(exc).lower() or "map" in str(exc).lower()):
+        return ResourceLimitError(
+            f"the process ran out of memory maps{where}; raise the limit with "
+            "`sudo sysctl -w vm.max_map_count=262144`, or lower data.loader_workers")
+    return None

@@ -32,7 +32,7 @@ from .audio import FrontEndConfig
 from .augment import mixup, spec_augment
 from .config import save_resolved, to_dict
 from .data.corpora import cache_root
-from .data.segment_cache import prepare_segments
+from .data.segment_cache import SegmentArrays, prepare_segments
 from .data.segments import Segment
 from .data.tasks import load_task
 from .data.task_data import TaskData, resolve_normal_class
@@ -64,6 +64,21 @@ EpochCallback = Callable[[int, dict[str, Any]], None]
 
 
 # ---------------------------------------------------------------------------- splits
+DEVICE_COPY_FRACTION = 0.25  # of the free GPU memory a split may take to skip per-batch host reads
+
+
+def on_device_if_small(arrays: SegmentArrays, device: torch.device) -> SegmentArrays | torch.Tensor:
+    """A split copied onto the GPU when it takes a small part of its free memory; else read per batch.
+
+    On a CPU (or a split too large for the card) batches are read from the segment cache as they
+    are needed, so host memory stays bounded by the batch size whatever the number of recordings.
+    """
+    if device.type != "cuda":
+        return arrays
+    free, _total = torch.cuda.mem_get_info(device)
+    return arrays.to_device(device) if arrays.nbytes <= DEVICE_COPY_FRACTION * free else arrays
+
+
 def _subset(items: list[Segment], limit: int) -> list[Segment]:
     """A fixed, seeded subset (same for every repeat and seed) in the original order; all when limit is 0."""
     if limit <= 0 or len(items) <= limit:
@@ -151,7 +166,7 @@ def backward_batch(
 @torch.inference_mode()
 def predict(
     model: Classifier,
-    lms: torch.Tensor,
+    lms: SegmentArrays | torch.Tensor,
     *,
     batch_size: int,
     device: torch.device,
@@ -211,7 +226,7 @@ class _Prepared:
     encoder: AudioViT
     classes: list[str]
     normal_class: int
-    lms: dict[str, torch.Tensor]
+    lms: dict[str, SegmentArrays | torch.Tensor]  # raw log-mel per split, [N, n_mels, frames]
     labels: dict[str, list[int]]
     device: torch.device
     amp_dtype: torch.dtype | None
@@ -271,7 +286,7 @@ def epoch_order(labels: Sequence[int], num_classes: int, weighting: str, generat
 def train_epoch(
     model: Classifier,
     optimizer: torch.optim.Optimizer,
-    lms: torch.Tensor,
+    lms: SegmentArrays | torch.Tensor,
     labels: Sequence[int],
     recipe: FinetuneRecipe,
     *,
@@ -499,7 +514,7 @@ def prepare_run(
         recipe = copy.deepcopy(recipe)
         recipe.run.out = str(run_dir)
         cache = cache_root(recipe.data.cache_dir) / "cycles" if recipe.data.disk_cache else None
-        lms: dict[str, torch.Tensor] = {}
+        lms: dict[str, SegmentArrays] = {}
         for split, items in splits.items():
             lms[split] = prepare_segments(items, frontend=frontend, length_s=recipe.data.cycle_seconds,
                                           pad=recipe.data.pad, cache_dir=cache, workers=recipe.run.num_workers,
@@ -507,8 +522,7 @@ def prepare_run(
     except BaseException:
         lock.release()
         raise
-    if device.type == "cuda":
-        lms = {k: v.to(device) for k, v in lms.items()}  # a few GB at most for ICBHI; avoids per-batch copies
+    lms = {k: on_device_if_small(v, device) for k, v in lms.items()}
     labels = {split: [it.label for it in items] for split, items in splits.items()}
     command = f"m2dx finetune --task {task} --data {data} --checkpoint {checkpoint}"
     save_resolved(recipe, run_dir / "recipe.toml", header=f"resolved recipe of run {run_dir.name}\n{command}")

@@ -96,7 +96,7 @@ def prepare_data(recipe: PretrainRecipe, frontend: FrontEndConfig, crop_frames: 
     source = Path(recipe.data.data).expanduser()
     manifest = read_manifest(source) if source.is_file() and source.suffix.lower() == ".csv" else None
     segments = manifest.segments if manifest is not None else list_segments(source)
-    cache = LogMelCache(log_mel_cache_dir(recipe), frontend)
+    cache = LogMelCache(log_mel_cache_dir(recipe), frontend, dtype=recipe.data.cache_dtype)
     lms_list, bad = cache.build(segments, workers=recipe.data.cache_workers, skip_bad=recipe.data.skip_bad,
                                 progress=progress)
     if bad:

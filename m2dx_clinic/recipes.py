@@ -51,6 +51,9 @@ class DataSection:
     data_root: str = ""  # where named data sets live; default $M2DX_DATA or ~/.cache/m2dx/data
     cache_dir: str = ""  # log-mel cache; default <data_root>/cache
     cache_workers: int = 2
+    # Stored log-mel precision: float16 halves the cache's disk (and page cache) for a difference of
+    # at most 2^-7 in a log-mel value, about 0.002 of the normalised input (docs/METHOD.md).
+    cache_dtype: Literal["float32", "float16"] = "float32"
     loader_workers: int = 2
     skip_bad: bool = False  # skip unreadable files instead of stopping
 

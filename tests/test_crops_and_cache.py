@@ -93,12 +93,14 @@ def test_cache_builds_once_and_matches_frontend(wav_writer, tmp_path):
     arrays, bad = cache.build(segs, workers=1, progress=False)
     assert bad == [] and cache.last_stats["computed"] == 3
     assert arrays[0].shape == (80, 101) and arrays[0].dtype == np.float32
-    assert isinstance(arrays[0], np.memmap)
     assert arrays[2].shape == (80, FrontEndConfig().num_frames(int(0.3 * 16000)))
-    entries = sorted((tmp_path / "cache" / "lms").rglob("*.npy"))
+    # one shard and its index for the three entries, not a file per entry
+    entries = sorted((tmp_path / "cache" / "lms").iterdir())
+    assert [p.suffix for p in entries] == [".bin", ".idx"]
     mtimes = [p.stat().st_mtime_ns for p in entries]
 
     again, _ = LogMelCache(tmp_path / "cache", FrontEndConfig()).build(segs, workers=1, progress=False)
+    assert sorted((tmp_path / "cache" / "lms").iterdir()) == entries
     assert [p.stat().st_mtime_ns for p in entries] == mtimes
     for x, y in zip(arrays, again):
         np.testing.assert_array_equal(x, y)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -213,7 +212,7 @@ def test_cycles_are_cached_on_disk_and_reused(tmp_path, demo_icbhi, monkeypatch)
     segment_cache.clear_memory_cache()
     first = prepare_cycles(items, frontend=frontend, length_s=2.0, pad="circular", cache_dir=tmp_path)
     assert first.shape == (3, 80, 201)
-    assert len(list(tmp_path.rglob("*.npy"))) == 3
+    assert [p.suffix for p in sorted(tmp_path.iterdir())] == [".bin", ".idx"]  # one shard for the three
     segment_cache.clear_memory_cache()
 
     def no_decoding(*args, **kwargs):
@@ -221,7 +220,7 @@ def test_cycles_are_cached_on_disk_and_reused(tmp_path, demo_icbhi, monkeypatch)
 
     monkeypatch.setattr(segment_cache, "load_fixed_length", no_decoding)
     again = prepare_cycles(items, frontend=frontend, length_s=2.0, pad="circular", cache_dir=tmp_path)
-    assert torch.equal(first, again)
+    assert torch.equal(first[:], again[:])
     with pytest.raises(AssertionError):  # another setting is another key
         prepare_cycles(items, frontend=frontend, length_s=2.0, pad="zero", cache_dir=tmp_path)
 
@@ -383,9 +382,7 @@ def test_tiny_recipe_one_epoch_on_the_shared_icbhi_subset(tmp_path, icbhi_dir, t
         f"run.out='{tmp_path / 'run'}'", f"data.cache_dir='{tmp_path / 'cache'}'", "optim.epochs=1",
         "data.max_items_per_split=128",
     ])
-    started = time.perf_counter()
     result = finetune(recipe, task="icbhi", data=icbhi_dir, checkpoint=tiny_ckpt, progress=False)
-    elapsed = time.perf_counter() - started
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     td = load_task("icbhi", icbhi_dir)  # the run's own split (same seed) gives the subset sizes
     assert metrics["items"] == {split: min(128, len(td.split(split))) for split in ("train", "val", "test")}
@@ -393,4 +390,3 @@ def test_tiny_recipe_one_epoch_on_the_shared_icbhi_subset(tmp_path, icbhi_dir, t
     pred = pd.read_csv(result.run_dir / "predictions.csv")
     rows = pred[pred["split"] == "test"]
     assert metrics["runs"][0]["test"]["score"] == pytest.approx(recompute(rows, metrics["classes"], 0)["score"])
-    assert elapsed < 120, f"took {elapsed:.0f} s"  # about 35 s on 2 shared CPU cores

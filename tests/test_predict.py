@@ -209,7 +209,8 @@ def test_a_pretraining_checkpoint_or_a_broken_classifier_is_one_line(finished_ru
 # ---------------------------------------------------------------------------- exports
 def _segments_lms(clf, data: Path, task: str = "icbhi", n: int = 6) -> torch.Tensor:
     items = load_task(task, data).split("test")[:n]
-    lms = prepare_segments(items, frontend=clf.frontend, length_s=clf.segment_seconds, pad=clf.pad, cache_dir=None)
+    lms = prepare_segments(items, frontend=clf.frontend, length_s=clf.segment_seconds, pad=clf.pad,
+                           cache_dir=None)[:]  # every row, as one tensor
     return clf.model.encoder.normalize(lms).unsqueeze(1)
 
 

@@ -252,14 +252,20 @@ CACHE_KINDS = {"lms": "pre-training log-mels (whole recordings)", "cycles": "fix
 
 def cache_summary(root: Path) -> dict:
     """What the cache at `root` holds: entries and bytes per kind, and in all."""
+    from .shards import ShardStore
+
     root = Path(root)
     kinds = {}
     total_files = total_bytes = 0
     for name, what in CACHE_KINDS.items():
-        files = [p for p in (root / name).rglob("*.npy") if p.is_file()] if (root / name).is_dir() else []
+        folder = root / name
+        files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+        legacy = sum(1 for p in files if p.suffix == ".npy")  # the one-file-per-entry layout, moved on use
+        entries = len(ShardStore(folder).index.keys) + legacy if folder.is_dir() else 0
         size = sum(p.stat().st_size for p in files)
-        kinds[name] = {"what": what, "entries": len(files), "bytes": size}
-        total_files, total_bytes = total_files + len(files), total_bytes + size
+        kinds[name] = {"what": what, "entries": entries, "bytes": size,
+                       "files": len(files)}
+        total_files, total_bytes = total_files + entries, total_bytes + size
     others = [p for p in root.rglob("*") if p.is_file() and p.parts[len(root.parts)] not in CACHE_KINDS] \
         if root.is_dir() else []
     total_bytes += sum(p.stat().st_size for p in others)

@@ -76,9 +76,12 @@ def crop_lms(lms: Any, start: int, width: int) -> torch.Tensor:
 def _check_clips(lms_list: Sequence[Any], what: str) -> None:
     if len(lms_list) == 0:
         raise DataError(f"no {what} clips to train on; check the {what} folder or list")
-    for i, lms in enumerate(lms_list):
-        if len(lms.shape) != 2 or lms.shape[-1] < 1:
-            raise ValueError(f"{what} clip {i} has shape {tuple(lms.shape)}, expected [n_mels, frames >= 1]")
+    # The cache's lazy sequence knows every shape from its index: nothing is read to check it.
+    shape_of = getattr(lms_list, "shape", None)
+    for i in range(len(lms_list)):
+        shape = tuple(shape_of(i)) if callable(shape_of) else tuple(lms_list[i].shape)
+        if len(shape) != 2 or shape[-1] < 1:
+            raise ValueError(f"{what} clip {i} has shape {shape}, expected [n_mels, frames >= 1]")
 
 
 def keyed_generator(*key: int) -> torch.Generator:

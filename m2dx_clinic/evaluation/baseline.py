@@ -24,12 +24,27 @@ from ..metrics import icbhi_scores
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
 
 
-def logmel_statistics(lms: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Raw log-mel [N, n_mels, frames] -> [N, 3 * n_mels]: per-band mean, std, and std of the frame delta."""
-    x = lms.detach().cpu().numpy() if isinstance(lms, torch.Tensor) else np.asarray(lms)
-    x = x.astype(np.float64, copy=False)
-    delta = np.diff(x, axis=-1)
-    return np.concatenate([x.mean(axis=-1), x.std(axis=-1), delta.std(axis=-1)], axis=1)
+def logmel_statistics(lms: Any, chunk_rows: int = 64) -> np.ndarray:
+    """Raw log-mel [N, n_mels, frames] -> [N, 3 * n_mels]: per-band mean, std, and std of the frame delta.
+
+    Computed `chunk_rows` segments at a time (in float64, as one pass over the whole split would),
+    so a split read from the segment cache is never held in memory at once; every row's numbers are
+    the same whatever the chunking.
+    """
+    n = len(lms)
+    out: np.ndarray | None = None
+    for start in range(0, n, chunk_rows):
+        x = lms[start:start + chunk_rows]
+        x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        x = x.astype(np.float64, copy=False)
+        feats = np.concatenate([x.mean(axis=-1), x.std(axis=-1), np.diff(x, axis=-1).std(axis=-1)], axis=1)
+        if out is None:
+            out = np.empty((n, feats.shape[1]), dtype=np.float64)
+        out[start:start + len(feats)] = feats
+    if out is None:
+        n_mels = lms.shape[1] if len(getattr(lms, "shape", ())) > 1 else 0
+        return np.zeros((0, 3 * n_mels), dtype=np.float64)
+    return out
 
 
 def _score(labels: np.ndarray, pred: np.ndarray, normal: int, k: int) -> tuple[float, float]:

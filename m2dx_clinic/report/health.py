@@ -177,7 +177,8 @@ def health_crops(
     segments = list_segments(Path(source))
     rng = np.random.default_rng(seed)
     chosen = rng.permutation(len(segments))[: min(num_crops, len(segments))]
-    cache = LogMelCache(cache_root(recipe.data.cache_dir, recipe.data.data_root), frontend)
+    cache = LogMelCache(cache_root(recipe.data.cache_dir, recipe.data.data_root), frontend,
+                        dtype=recipe.data.cache_dtype)
     arrays, _bad = cache.build([segments[int(i)] for i in chosen], workers=1, skip_bad=True, progress=False)
     if not arrays:
         raise DataError(f"{source}: none of the sampled training files could be read; label-free metrics skipped")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..audio import FrontEndConfig
-from ..data.segment_cache import prepare_segments, readable_rows
+from ..data.segment_cache import SegmentArrays, prepare_segments, readable_rows
 from ..errors import DataError
 from ..metrics import icbhi_scores
 from ..models.vit import AudioViT
@@ -37,10 +37,10 @@ class ProbeSet:
         self.cache_dir = cache_dir
         self.progress = progress
         self.skipped: list[str] = []
-        self._by_frontend: dict[FrontEndConfig, tuple[torch.Tensor, np.ndarray, np.ndarray]] = {}
+        self._by_frontend: dict[FrontEndConfig, tuple[SegmentArrays, np.ndarray, np.ndarray]] = {}
 
-    def arrays(self, frontend: FrontEndConfig) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        """(lms float32 [N, n_mels, frames], labels [N], is_train [N]) of the readable train/val cycles."""
+    def arrays(self, frontend: FrontEndConfig) -> tuple[SegmentArrays, np.ndarray, np.ndarray]:
+        """(lms float32 [N, n_mels, frames] read on access, labels [N], is_train [N]) of the readable train/val cycles."""
         if frontend in self._by_frontend:
             return self._by_frontend[frontend]
         items = [it for it in self.task_data.items if it.split in ("train", "val")]
@@ -54,7 +54,7 @@ class ProbeSet:
             raise DataError("no train/val cycle of the task could be read; the probe needs labelled audio")
         labels = np.asarray([int(it.label) for it in items], dtype=int)[keep.numpy()]
         is_train = np.asarray([it.split == "train" for it in items], dtype=bool)[keep.numpy()]
-        result = (lms[keep], labels, is_train)
+        result = (lms.subset(keep), labels, is_train)
         self._by_frontend[frontend] = result
         return result
 
