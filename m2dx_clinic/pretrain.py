@@ -52,7 +52,7 @@ from .data.crops import (
 from .data.logmel_cache import LogMelCache
 from .data.segments import list_segments, read_manifest
 from .errors import ConfigError
-from .fileio import atomic_torch_save, atomic_write_json
+from .fileio import atomic_write_json
 from .models.m2d import M2D, PredictorConfig
 from .models.cpu_kernels import use_fast_cpu_kernels
 from .models.vit import AudioViT, ViTConfig, param_groups
