@@ -8,8 +8,15 @@ Features, each with the recipe key (or CLI flag) that controls it:
 - small-data inflation to a minimum epoch size (`data.min_ds_size`)
 - AMP (bf16 / fp16 + scaler / fp32 on CPU) (`run.amp`), gradient accumulation (`optim.accum_steps`),
   AdamW with decay groups, warm-up + cosine LR per iteration, clipping, EMA of the target (`objective.ema_*`; docs/METHOD.md)
-- checkpoints in the published layout every `run.save_every` epochs, written atomically; a resume
-  state every epoch; `resume_run(run_dir)` continues exactly (model, optimiser, scaler, RNG, epoch)
+- checkpoints in the published layout every `run.save_every` epochs, and a resume state at the first epoch
+  end after every `run.resume_every_minutes`; both written atomically by a background thread from a host
+  snapshot, so the loop never waits on the disk; `resume_run(run_dir)` continues exactly (model, optimiser,
+  scaler, RNG, epoch)
+- no host sync between log lines: loss means are read one log window late (`runtime.LateReader`), and a
+  non-finite loss still stops the run within one window; one loader iterator spans all epochs, so the
+  next epoch's first batches are loaded while the current one ends
+- throughput: each log line's `samples_per_s` (its window), and on each epoch-end row
+  `wall_samples_per_s`, from the previous epoch's end to this one (saves and loader start included)
 - DDP when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU
 
 A run directory holds `recipe.toml` (resolved), `metrics.jsonl`, `environment.json`, the checkpoint
@@ -33,11 +40,19 @@ from . import checkpoint as ckpt_io
 from .audio import FrontEndConfig
 from .config import load_recipe, save_resolved, to_dict
 from .data.corpora import cache_root, resolve_noise
-from .data.crops import CropDataset, KeyedSampler, NoiseCropDataset, PretrainItems, compute_norm_stats, mix_in_log_domain
+from .data.crops import (
+    CropDataset,
+    ItemKey,
+    KeyedSampler,
+    NoiseCropDataset,
+    PretrainItems,
+    compute_norm_stats,
+    mix_in_log_domain,
+)
 from .data.logmel_cache import LogMelCache
 from .data.segments import list_segments, read_manifest
 from .errors import ConfigError
-from .fileio import atomic_torch_save, atomic_write_json
+from .fileio import atomic_write_json
 from .models.m2d import M2D, PredictorConfig
 from .models.cpu_kernels import use_fast_cpu_kernels
 from .models.vit import AudioViT, ViTConfig, param_groups
@@ -55,6 +70,7 @@ from .progress import MetricLogger, console, environment_facts, make_progress
 from .recipes import ModelSection, PretrainRecipe, validate_pretrain_recipe
 from .rundir import RunLock, default_run_dir, hold, remove_stale_temp_files
 from .runtime import (
+    LateReader,
     TrainingDiverged,
     autocast,
     epoch_shuffle_seed,
@@ -168,6 +184,31 @@ def build_offline_task(recipe: PretrainRecipe, label_names: list[str], teacher: 
     return TeacherTask(teacher.to(device))
 
 
+class EpochBatches(torch.utils.data.Sampler):
+    """Batches of item keys for epochs `first`..`end - 1` as one stream (the loader's `batch_sampler`).
+
+    Each epoch yields `per_epoch` whole batches (the trained ones: whole accumulation cycles) and
+    reseeds its shuffle when the stream reaches it, which may be while the loop still trains the
+    previous epoch: the shuffle reads only its own generator and the epoch number, never the loop's state.
+    """
+
+    def __init__(self, sampler: KeyedSampler, seed_epoch: Callable[[int], None], batch_size: int, per_epoch: int,
+                 first: int, end: int):
+        self.sampler, self.seed_epoch = sampler, seed_epoch
+        self.batch_size, self.per_epoch, self.first, self.end = batch_size, per_epoch, first, end
+
+    def __len__(self) -> int:
+        return max(self.end - self.first, 0) * self.per_epoch
+
+    def __iter__(self):
+        for epoch in range(self.first, self.end):
+            self.seed_epoch(epoch)
+            keys = iter(self.sampler)
+            for _ in range(self.per_epoch):
+                batch: list[ItemKey] = [next(keys) for _ in range(self.batch_size)]
+                yield batch
+
+
 # ---------------------------------------------------------------------------- the trainer
 class Pretrainer:
     """Holds the parts of one run; `train()` is the loop. Built by `start_run` / `resume_run`."""
@@ -234,8 +275,8 @@ class Pretrainer:
         if recipe.run.compile:
             self.ddp_model = compile_for_training(self.ddp_model, self.task)
 
-        self.loader = self._make_loader()
-        self.steps_per_epoch = len(self.loader)  # data iterations
+        self.sampler = self._make_sampler()
+        self.steps_per_epoch = len(self.sampler) // o.batch_size  # data iterations (whole batches)
         if self.steps_per_epoch < o.accum_steps:
             raise ConfigError(
                 f"an epoch has {self.steps_per_epoch} batches, fewer than optim.accum_steps={o.accum_steps}; "
@@ -249,13 +290,8 @@ class Pretrainer:
             self._restore(resume)
 
     # ------------------------------------------------------------ data loader
-    def _make_loader(self) -> torch.utils.data.DataLoader:
-        """Workers crop the training audio and its noise and persist across epochs (no restart per epoch).
-
-        Every item is keyed by (epoch, stream position, index) and seeded from that key, so the batches
-        do not depend on the number of workers, and a resumed run sees the same ones as an uninterrupted run.
-        """
-        o, d = self.recipe.optim, self.recipe.data
+    def _make_sampler(self) -> KeyedSampler:
+        """The shuffle (per rank under DDP), its items numbered by epoch and stream position."""
         if self.ddp.enabled:
             base = torch.utils.data.distributed.DistributedSampler(
                 self.data.dataset, num_replicas=self.ddp.world_size, rank=self.ddp.rank,
@@ -263,12 +299,22 @@ class Pretrainer:
         else:
             self._sampler_gen = torch.Generator()
             base = torch.utils.data.RandomSampler(self.data.dataset, generator=self._sampler_gen)
-        self.sampler = KeyedSampler(base)
+        return KeyedSampler(base)
+
+    def _make_loader(self, first_epoch: int, batches_per_epoch: int) -> torch.utils.data.DataLoader:
+        """One loader for the epochs left: its workers crop the audio and noise, and its single iterator runs
+        across epoch boundaries, so the next epoch's first batches are ready when the current one ends.
+
+        Every item is keyed by (epoch, stream position, index) and seeded from that key, so the batches
+        do not depend on the number of workers or on how far ahead they load, and a resumed run sees the
+        same ones as an uninterrupted run.
+        """
+        d = self.recipe.data
+        stream = EpochBatches(self.sampler, self._seed_epoch, self.recipe.optim.batch_size, batches_per_epoch,
+                              first_epoch, self.recipe.optim.epochs)
         items = PretrainItems(self.data.dataset, self.data.noise, seed=self.recipe.run.seed, rank=self.ddp.rank)
         return torch.utils.data.DataLoader(
-            items, batch_size=o.batch_size, sampler=self.sampler, drop_last=True,
-            num_workers=d.loader_workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=d.loader_workers > 0,
+            items, batch_sampler=stream, num_workers=d.loader_workers, pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(self.recipe.run.seed),  # leaves the global RNG (masks) alone
         )
 
@@ -310,6 +356,7 @@ class Pretrainer:
         return gathered
 
     def _checkpoint_dict(self, random_states: list[dict[str, Any]]) -> dict[str, Any]:
+        """The resume state with live tensors (the saver snapshots them to host memory)."""
         meta = {
             "recipe": to_dict(self.recipe),
             "norm_stats": [self.data.mean, self.data.std],
@@ -325,21 +372,31 @@ class Pretrainer:
         return ckpt_io.training_checkpoint(
             self.model, epoch=self.epoch, optimizer=self.optimizer.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler is not None else None,
-            args=to_dict(self.recipe), meta=meta)
+            args=to_dict(self.recipe), meta=meta, on_device=True)
 
-    def save(self, published: bool, random_states: list[dict[str, Any]]) -> Path:
-        """Resume state every epoch; the published-layout checkpoint every `save_every` epochs."""
+    def save(self, saver: ckpt_io.BackgroundSaver, published: bool, random_states: list[dict[str, Any]]) -> Path:
+        """Hand the state at this epoch end to the background writer: the published-layout checkpoint
+        (every `save_every` epochs and the last), else `state/last.pth`. Returns the path it will have."""
         state = self._checkpoint_dict(random_states)
-        if published:
-            path = self.run_dir / self.folder_name / f"checkpoint-{self.epoch}.pth"
-        else:
-            path = self.run_dir / ckpt_io.RESUME_STATE
-        atomic_torch_save(state, path)
-        if published:
-            stale = self.run_dir / ckpt_io.RESUME_STATE
-            if stale.exists():
-                stale.unlink()  # the published checkpoint is now the newest resume point
+        path = (self.run_dir / self.folder_name / f"checkpoint-{self.epoch}.pth" if published
+                else self.run_dir / ckpt_io.RESUME_STATE)
+
+        def after(written: Path) -> None:  # in the writer thread, once `written` is whole on disk
+            if published:
+                (self.run_dir / ckpt_io.RESUME_STATE).unlink(missing_ok=True)  # the newer resume point
+                if self.on_save is not None and self.recipe.run.report_on_save:
+                    self.on_save(written)
+
+        saver.submit(state, path, after)
         return path
+
+    def _agreed(self, flag: bool) -> bool:
+        """Rank 0's decision on every rank (time-based decisions differ between ranks' clocks)."""
+        if not self.ddp.enabled:
+            return flag
+        value = torch.tensor([int(flag)], device=self.device)
+        dist.broadcast(value, 0)
+        return bool(value.item())  # an epoch-end collective under DDP only
 
     # ------------------------------------------------------------ one step
     def _inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,92 +421,117 @@ class Pretrainer:
 
     # ------------------------------------------------------------ the loop
     def train(self, progress: bool = True) -> Path:
+        """The loop. The host never waits for the device between log lines, nor for the disk at saves."""
         o, r = self.recipe.optim, self.recipe.run
         accum = o.accum_steps
         # rows a killed process logged after the resume point are dropped: the log never repeats a step
         logger = MetricLogger(self.run_dir / "metrics.jsonl", keep_until_step=self.opt_step) if self.ddp.is_main else None
-        last_saved: Path | None = None
+        saver = ckpt_io.BackgroundSaver()
+        late = LateReader()  # loss means of a log window, read at the next log line
         show = progress and self.ddp.is_main
         stop = False
         usable = (self.steps_per_epoch // accum) * accum  # whole accumulation cycles only
-        with make_progress() as bar:  # counts the data iterations that are trained: it ends at its total
-            task_id = bar.add_task("pre-train", total=o.epochs * usable, completed=self.epoch * usable,
-                                   status="", visible=show)
-            while self.epoch < o.epochs and not stop:
-                self._seed_epoch(self.epoch)
-                self.ddp_model.train()
-                sums = torch.zeros(3, device=self.device)
-                count, t0, samples = 0, time.perf_counter(), 0
-                epoch_t0, epoch_samples = t0, 0
-                for i, batch in enumerate(self.loader):
-                    if i >= usable:
-                        break
-                    it = self.epoch * self.steps_per_epoch + i
-                    if i % accum == 0:
-                        lr = lr_at(it / self.steps_per_epoch, self.lr, o.warmup_epochs, o.epochs, o.min_lr)
-                        for group in self.optimizer.param_groups:
-                            group["lr"] = lr
-                    last_micro = (i + 1) % accum == 0
-                    sync = self.ddp_model.no_sync() if (self.ddp.enabled and not last_micro) else nullcontext()
-                    with sync:
-                        losses = self._losses(batch)
-                        scaled = losses["loss"] / accum  # mean over micro-batches = one big batch
-                        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-                    sums += torch.stack([losses["loss"].detach().float(), losses["loss_m2d"].detach().float(),
-                                         losses.get("loss_offline", torch.zeros((), device=self.device)).detach().float()])
-                    count += 1
-                    samples += batch["lms"].shape[0] * self.ddp.world_size
-                    epoch_samples += batch["lms"].shape[0] * self.ddp.world_size
-                    if not last_micro:
-                        continue
-                    decay = ema_decay_at(it, self.total_iters, self.recipe.objective.ema_start, self.recipe.objective.ema_end)
-                    optimizer_step(self.model, self.optimizer, self.scaler, o.clip_grad, decay)
-                    self.opt_step += 1
-                    bar.update(task_id, completed=self.epoch * usable + i + 1)
-                    if self.opt_step % r.log_every == 0 or (r.max_steps and self.opt_step >= r.max_steps):
-                        row = self._log_row(sums / max(count, 1), lr, decay, samples / (time.perf_counter() - t0))
-                        t0, samples = time.perf_counter(), 0  # throughput of the last window only
-                        self._check_finite(row, last_saved)
+        batches = iter(self._make_loader(self.epoch, usable))
+        last_resume_save = time.monotonic()
+        boundary = time.perf_counter()  # the previous epoch's end (or the start): wall figures count from here
+        try:
+            with make_progress() as bar:  # counts the data iterations that are trained: it ends at its total
+                task_id = bar.add_task("pre-train", total=o.epochs * usable, completed=self.epoch * usable,
+                                       status="", visible=show)
+
+                def emit(ready: list[tuple[list[float], dict[str, Any]]]) -> None:
+                    """Log rows whose values have reached the host; stop on a non-finite loss."""
+                    for values, info in ready:
+                        row = self._row(values, info)
                         if logger:
-                            logger.log(row, self.opt_step)
-                        bar.update(task_id, status=_status(row))
-                    if r.max_steps and self.opt_step >= r.max_steps:
-                        stop = True
-                        break
-                row = self._log_row(sums / max(count, 1), lr, decay, epoch_samples / (time.perf_counter() - epoch_t0))
-                row["epoch_end"] = True
-                self.epoch += 1
-                self._check_finite(row, last_saved)
-                if logger:
-                    logger.log(row, self.opt_step)
-                published = self.epoch % r.save_every == 0 or self.epoch >= o.epochs or stop
-                random_states = self._gather_random_states()
-                if self.ddp.is_main:
-                    last_saved = self.save(published, random_states)
-                    if published and self.on_save is not None and r.report_on_save:
-                        self.on_save(last_saved)
-                if self.ddp.enabled:
-                    dist.barrier()
-            if stop:  # run.max_steps ended the run early: the bar says the run is done, at the step it stopped
-                done = int(next(t.completed for t in bar.tasks if t.id == task_id))
-                bar.update(task_id, total=done, completed=done)
-        if logger:
-            logger.close()
+                            logger.log(row, row["opt_step"])
+                        self._check_finite(row, saver)
+                        if not row.get("epoch_end"):
+                            bar.update(task_id, status=_status(row))
+
+                while self.epoch < o.epochs and not stop:
+                    self.ddp_model.train()
+                    sums = torch.zeros(3, device=self.device)  # (loss, loss_m2d, loss_offline) summed over the epoch
+                    count, t0, samples = 0, time.perf_counter(), 0
+                    epoch_t0, epoch_samples = t0, 0
+                    for i in range(usable):
+                        batch = next(batches)
+                        it = self.epoch * self.steps_per_epoch + i
+                        if i % accum == 0:
+                            lr = lr_at(it / self.steps_per_epoch, self.lr, o.warmup_epochs, o.epochs, o.min_lr)
+                            for group in self.optimizer.param_groups:
+                                group["lr"] = lr
+                        last_micro = (i + 1) % accum == 0
+                        sync = self.ddp_model.no_sync() if (self.ddp.enabled and not last_micro) else nullcontext()
+                        with sync:
+                            losses = self._losses(batch)
+                            scaled = losses["loss"] / accum  # mean over micro-batches = one big batch
+                            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                        sums += torch.stack([losses["loss"].detach().float(), losses["loss_m2d"].detach().float(),
+                                             losses.get("loss_offline", torch.zeros((), device=self.device)).detach().float()])
+                        count += 1
+                        samples += batch["lms"].shape[0] * self.ddp.world_size
+                        epoch_samples += batch["lms"].shape[0] * self.ddp.world_size
+                        if not last_micro:
+                            continue
+                        decay = ema_decay_at(it, self.total_iters, self.recipe.objective.ema_start,
+                                             self.recipe.objective.ema_end)
+                        optimizer_step(self.model, self.optimizer, self.scaler, o.clip_grad, decay)
+                        self.opt_step += 1
+                        bar.update(task_id, completed=self.epoch * usable + i + 1)
+                        if self.opt_step % r.log_every == 0 or (r.max_steps and self.opt_step >= r.max_steps):
+                            info = self._row_info(lr, decay, samples / (time.perf_counter() - t0))
+                            emit(late.push(sums / max(count, 1), info))
+                            t0, samples = time.perf_counter(), 0  # throughput of the last window only
+                        if r.max_steps and self.opt_step >= r.max_steps:
+                            stop = True
+                            break
+                    now = time.perf_counter()
+                    info = self._row_info(lr, decay, epoch_samples / (now - epoch_t0))
+                    info.update(epoch_end=True, wall_samples_per_s=epoch_samples / (now - boundary))
+                    boundary = now
+                    self.epoch += 1
+                    emit(late.push(sums / max(count, 1), info))
+                    published = self.epoch % r.save_every == 0 or self.epoch >= o.epochs or stop
+                    due = published or time.monotonic() - last_resume_save >= r.resume_every_minutes * 60
+                    if self._agreed(due):
+                        emit(late.drain())  # a saved state is never a diverged one
+                        random_states = self._gather_random_states()
+                        if self.ddp.is_main:
+                            self.save(saver, published, random_states)
+                        last_resume_save = time.monotonic()
+                        if self.ddp.enabled:
+                            dist.barrier()
+                emit(late.drain())
+                if stop:  # run.max_steps ended the run early: the bar says the run is done, at the step it stopped
+                    done = int(next(t.completed for t in bar.tasks if t.id == task_id))
+                    bar.update(task_id, total=done, completed=done)
+        finally:
+            saver.close()  # the last save (and its report refresh) is whole on disk before the run returns
+            if logger:
+                logger.close()
         if self.ddp.enabled:
             dist.destroy_process_group()
         return self.run_dir
 
-    def _log_row(self, means: torch.Tensor, lr: float, decay: float, samples_per_s: float) -> dict[str, Any]:
-        values = means.tolist()  # one host sync per log line, not per step
-        row = {"epoch": self.epoch + 1, "opt_step": self.opt_step, "loss": values[0], "loss_m2d": values[1],
-               "lr": lr, "ema_decay": decay, "samples_per_s": samples_per_s}
-        if self.task is not None:
-            row["loss_offline"] = values[2]
-        return row
+    def _row_info(self, lr: float, decay: float, samples_per_s: float) -> dict[str, Any]:
+        """What a log row knows on the host when its window ends; the losses follow one window late."""
+        return {"epoch": self.epoch + 1, "opt_step": self.opt_step, "lr": lr, "ema_decay": decay,
+                "samples_per_s": samples_per_s}
 
-    def _check_finite(self, row: dict[str, Any], last_saved: Path | None) -> None:
+    def _row(self, means: list[float], info: dict[str, Any]) -> dict[str, Any]:
+        extra = {k: v for k, v in info.items() if k not in ("epoch", "opt_step", "lr", "ema_decay", "samples_per_s")}
+        row = {"epoch": info["epoch"], "opt_step": info["opt_step"], "loss": means[0], "loss_m2d": means[1],
+               "lr": info["lr"], "ema_decay": info["ema_decay"], "samples_per_s": info["samples_per_s"]}
+        if self.task is not None:
+            row["loss_offline"] = means[2]
+        return {**row, **extra}
+
+    def _check_finite(self, row: dict[str, Any], saver: ckpt_io.BackgroundSaver) -> None:
         if not math.isfinite(row["loss"]):
-            where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved yet"
+            saver.wait()  # the save in flight holds a state from before the divergence: let it finish
+            last = saver.last_complete
+            where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
             raise TrainingDiverged(
                 f"loss became {row['loss']} at epoch {row['epoch']} step {row['opt_step']}; {where}; "
                 "lower optim.blr or run with --amp off"

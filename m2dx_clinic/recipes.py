@@ -89,6 +89,10 @@ class RunSection:
     device: str = "auto"  # auto = cuda when present
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16/fp16 on GPUs, fp32 on CPU; bf16 on a bf16 CPU
     save_every: int = 100  # epochs between published-layout checkpoints (the last epoch is always saved)
+    # state/last.pth (for --resume) at the first epoch end after this many minutes (0 = every epoch); written in
+    # the background, so it costs the loop little, but a ViT-B state is ~1.5 GB: at a few seconds per epoch,
+    # saving every epoch would mostly write the disk. A kill loses at most this much training.
+    resume_every_minutes: float = 10.0
     max_steps: int = 0  # stop after this many optimiser steps (0 = no limit); for smoke runs
     log_every: int = 10  # optimiser steps between log lines
     compile: bool = False  # torch.compile the model (+50% on an H200; on a CPU within noise of eager; ~1 min to compile)
@@ -119,6 +123,8 @@ def validate_pretrain_recipe(recipe: PretrainRecipe) -> None:
         raise ConfigError(f"data.noise_ratio must be in [0, 1], got {recipe.data.noise_ratio}")
     if r.save_every < 1:
         raise ConfigError("run.save_every must be >= 1")
+    if not r.resume_every_minutes >= 0:
+        raise ConfigError(f"run.resume_every_minutes must be >= 0 (0 = every epoch), got {r.resume_every_minutes}")
 
 
 # ============================================================================ fine-tuning

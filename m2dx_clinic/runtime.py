@@ -185,6 +185,46 @@ def use_deterministic_kernels(enabled: bool) -> None:
     torch.backends.cudnn.benchmark = False
 
 
+# ---------------------------------------------------------------------------- reading device values late
+class LateReader:
+    """Device values (the loss means of a log window) read on the host one window later, without a sync.
+
+    `push` starts a copy of the values to host memory (pinned and non-blocking on a GPU, behind the
+    window's own kernels) and hands back the entries pushed before it, whose copies finished while the
+    next window ran: waiting on their events costs nothing, where `.tolist()` on the newest values would
+    drain the whole queue of launched kernels. `drain` returns every entry now (one sync): before a
+    checkpoint is saved, which must never hold a diverged state, and at the end of the run.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[torch.Tensor, torch.cuda.Event | None, Any]] = []
+
+    def push(self, values: torch.Tensor, info: Any) -> list[tuple[list[float], Any]]:
+        """Queue `values` (a small 1-d device tensor) with `info`; return the older entries, read."""
+        values = values.detach()
+        if values.device.type == "cuda":
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        else:
+            host, copied = values.clone(), None
+        ready, self._pending = self._pending, [(host, copied, info)]
+        return [self._read(entry) for entry in ready]
+
+    def drain(self) -> list[tuple[list[float], Any]]:
+        """Every queued entry, read now (waits for its copy)."""
+        ready, self._pending = self._pending, []
+        return [self._read(entry) for entry in ready]
+
+    @staticmethod
+    def _read(entry: tuple[torch.Tensor, torch.cuda.Event | None, Any]) -> tuple[list[float], Any]:
+        host, copied, info = entry
+        if copied is not None:
+            copied.synchronize()
+        return host.tolist(), info
+
+
 # ---------------------------------------------------------------------------- random state
 def seed_everything(seed: int) -> None:
     """Seed Python's, numpy's and torch's global generators (CPU and every GPU)."""

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -371,3 +372,176 @@ def test_freed_cpu_memory_is_kept_only_for_cpu_runs():
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert len(notes) == 1 and "freed step memory" in notes[0]
     assert keep_freed_cpu_memory(torch.device("cpu")) == notes  # applied once, the same answer after
+
+
+# ---------------------------------------------------------------------------- the loop never waits (issue 26)
+SYNCING = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")  # device -> host reads
+
+
+def _host_reads_during_training(monkeypatch, trainer) -> tuple[list[str], int]:
+    """Train, counting every device-to-host read on the training thread: returns the reads that did not go
+    through `LateReader` (with their call sites) and the number that did.
+
+    The loader's own host tensors (shuffles and crops, in worker processes on a real run) never reach the
+    device and are not counted; nor is the background writer's thread.
+    """
+    outside: list[str] = []
+    late = [0]
+    main = threading.main_thread()
+
+    def counted(name, real):
+        def read(self, *args, **kwargs):
+            if threading.current_thread() is main:
+                frame, where = sys._getframe(1), None
+                while frame is not None:
+                    file = frame.f_code.co_filename.replace(os.sep, "/")
+                    if where is None:
+                        where = f"{name} at {Path(file).name}:{frame.f_lineno}"
+                    if frame.f_code.co_name == "_read" and file.endswith("m2dx_clinic/runtime.py"):
+                        late[0] += 1
+                        break
+                    if "torch/utils/data/" in file or "m2dx_clinic/data/" in file:
+                        break
+                    frame = frame.f_back
+                else:
+                    outside.append(where)
+            return real(self, *args, **kwargs)
+        return read
+
+    for name in SYNCING:
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    try:
+        trainer.train(progress=False)
+    finally:
+        monkeypatch.undo()
+    return outside, late[0]
+
+
+def test_between_log_lines_the_loop_never_reads_the_device(tmp_path, demo_audio, monkeypatch):
+    """Every value the loop reads back (losses for the log and the NaN check) goes through the late reader,
+    one read per logged row; a read added to the step (here `.item()` on the loss) is caught."""
+    import m2dx_clinic.pretrain as pretrain
+
+    opts = ("optim.epochs=2", "run.log_every=2", "data.min_ds_size=64", "run.report_on_save=false")
+    trainer = pretrain.Pretrainer(tiny_recipe(tmp_path / "a", demo_audio, *opts), tmp_path / "a" / "run")
+    outside, late = _host_reads_during_training(monkeypatch, trainer)
+    rows = [json.loads(line) for line in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert outside == []
+    assert late == len(rows) == 2 * 2 + 2  # 4 steps per epoch, a row every 2 steps, and each epoch's end row
+
+    real = pretrain.m2dx_losses
+
+    def reads_every_step(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        losses["loss"].item()
+        return losses
+
+    monkeypatch.setattr(pretrain, "m2dx_losses", reads_every_step)
+    trainer = pretrain.Pretrainer(tiny_recipe(tmp_path / "b", demo_audio, *opts), tmp_path / "b" / "run")
+    outside, _ = _host_reads_during_training(monkeypatch, trainer)
+    assert len(outside) == 16 and outside[0].startswith("item at test_pretrain.py")  # 8 batches per epoch
+
+
+@pytest.mark.parametrize("minutes, saved", [(0, ["last.pth@1", "checkpoint-2.pth@2"]), (60, ["checkpoint-2.pth@2"])])
+def test_resume_state_waits_for_its_interval_and_one_loader_iterator_spans_the_run(
+        tmp_path, demo_audio, monkeypatch, minutes, saved):
+    """The resume state follows run.resume_every_minutes; published checkpoints and the end are always saved.
+    The loader is iterated once for the whole run, so its workers load across epoch boundaries."""
+    submitted, iterators = [], []
+    real_submit, real_iter = ckpt_io.BackgroundSaver.submit, torch.utils.data.DataLoader.__iter__
+
+    def submit(self, state, path, after=None):
+        submitted.append(f"{Path(path).name}@{state['epoch']}")
+        return real_submit(self, state, path, after)
+
+    def iterate(self):
+        iterators.append(self)
+        return real_iter(self)
+
+    monkeypatch.setattr(ckpt_io.BackgroundSaver, "submit", submit)
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", iterate)
+    run = start_run(tiny_recipe(tmp_path, demo_audio, "optim.epochs=2", "run.save_every=2",
+                                f"run.resume_every_minutes={minutes}", "run.report_on_save=false"), progress=False)
+    assert submitted == saved and len(iterators) == 1
+    assert not (run / "state" / "last.pth").exists()  # the published checkpoint of epoch 2 replaced it
+    ends = [r for r in (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+            if r.get("epoch_end")]
+    assert [r["epoch"] for r in ends] == [1, 2] and all(r["wall_samples_per_s"] > 0 for r in ends)
+
+
+def test_the_background_saver_writes_the_state_as_it_was_and_reports_a_failed_write(tmp_path):
+    saver = ckpt_io.BackgroundSaver()
+    weights = torch.zeros(4)
+    saver.submit({"model": {"w": weights}, "epoch": 1}, tmp_path / "a.pth")
+    weights += 1  # the loop goes on training while the file is written
+    saver.close()
+    assert torch.equal(torch.load(tmp_path / "a.pth")["model"]["w"], torch.zeros(4))
+    assert saver.last_complete == tmp_path / "a.pth"
+    (tmp_path / "file").write_text("")
+    saver.submit({"epoch": 2}, tmp_path / "file" / "b.pth")  # its folder cannot be made
+    with pytest.raises(OSError):
+        saver.close()
+    assert saver.last_complete == tmp_path / "a.pth" and not list(tmp_path.glob(".*.tmp"))
+
+
+KILLED_WRITER = r"""
+import sys, time
+from pathlib import Path
+import torch
+real_save, marker = torch.save, Path(sys.argv[1])
+
+def slow_save(obj, f, *args, **kwargs):  # the resume state of epoch 3 is half-way to disk for a long time
+    real_save(obj, f, *args, **kwargs)
+    if isinstance(obj, dict) and obj.get("epoch") == 3:
+        f.flush()
+        marker.touch()
+        time.sleep(600)
+
+torch.save = slow_save
+from m2dx_clinic.config import load_recipe
+from m2dx_clinic.pretrain import start_run
+from m2dx_clinic.recipes import PretrainRecipe
+start_run(load_recipe(PretrainRecipe, "tiny_cpu", sys.argv[2:]), progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_background_write_resumes_from_the_last_complete_save(tmp_path, demo_audio):
+    """Training goes on while the resume state is written; killed mid-write, the run resumes from the
+    previous complete state and ends exactly where an uninterrupted run ends."""
+    opts = ("optim.epochs=5", "run.save_every=5", "run.resume_every_minutes=0", "run.report_on_save=false")
+    full = start_run(tiny_recipe(tmp_path / "full", demo_audio, *opts), progress=False)
+    cut = tmp_path / "cut"
+    recipe = tiny_recipe(cut, demo_audio, *opts)
+    overrides = [f"{k}={v}" for k, v in (
+        ("data.data", recipe.data.data), ("data.noise", recipe.data.noise), ("run.out", recipe.run.out),
+        ("data.cache_dir", recipe.data.cache_dir), ("data.min_ds_size", 32), ("data.norm_stats_samples", 64),
+        ("optim.batch_size", 8), ("optim.accum_steps", 2), ("run.log_every", 1))] + list(opts)
+    marker = tmp_path / "writing"
+    env = {**os.environ, "M2DX_NO_PROGRESS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(marker), *overrides],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    metrics = cut / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    # the loop trains epoch 4 while the state of epoch 3 is being written
+    while time.time() < deadline and proc.poll() is None and not (
+            marker.exists() and metrics.exists() and '"epoch": 4' in metrics.read_text() and "epoch_end" in
+            metrics.read_text().split('"epoch": 4', 1)[1]):
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    state = cut / "run" / "state"
+    assert ckpt_io.peek_checkpoint(state / "last.pth")[0] == 2  # the last complete save
+    assert list(state.glob(".last.pth.*.tmp")), "the kill should have landed during the write"
+    assert not ckpt_io.list_checkpoints(cut / "run")
+    resumed = resume_run(cut / "run", progress=False)
+    assert not list((cut / "run").rglob(".*.tmp"))
+    a = ckpt_io.LoadedCheckpoint(ckpt_io.list_checkpoints(full)[-1][1])
+    b = ckpt_io.LoadedCheckpoint(ckpt_io.list_checkpoints(resumed)[-1][1])
+    assert a.epoch == b.epoch == 5
+    for key, value in a.state.items():
+        assert torch.equal(value, b.state[key]), key
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == sorted(steps)  # the rows of epochs 3-4 the killed process logged were dropped
