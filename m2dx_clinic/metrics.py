@@ -101,6 +101,35 @@ def sprsound_scores(
 OFFICIAL_SCORES = {"sprsound": sprsound_scores}
 
 
+def official_block(
+    name: str,
+    labels: Mapping[str, Sequence[int]],
+    repeats: Sequence[Mapping[str, object]],
+    *,
+    normal_class: int,
+    num_classes: int,
+    aggregate_split: str = "test",
+) -> dict:
+    """A corpus's official scores of a run: per repeat and split (argmax of each repeat's probabilities [N, K]),
+    their mean and CI over repeats on `aggregate_split`, and the repeats' averaged probabilities ('ensemble')."""
+    score = OFFICIAL_SCORES[name]
+    runs, sums = [], {}
+    for probs_by_split in repeats:
+        row = {}
+        for split, probs in probs_by_split.items():
+            if probs is None or split not in labels:
+                continue
+            p = np.asarray(probs, dtype=np.float64)
+            row[split] = score(labels[split], p.argmax(axis=1), normal_class=normal_class, num_classes=num_classes)
+            sums[split] = sums.get(split, 0) + p
+        runs.append(row)
+    ensemble = {split: score(labels[split], (total / len(repeats)).argmax(axis=1), normal_class=normal_class,
+                             num_classes=num_classes) for split, total in sums.items()}
+    chosen = [r[aggregate_split] for r in runs if aggregate_split in r]
+    return {"name": name, "runs": runs, "aggregate_split": aggregate_split,
+            "aggregate": aggregate_runs(chosen, ("se", "sp", "as", "hs", "score")), "ensemble": ensemble}
+
+
 def t_critical_95(df: int, *, use_scipy: bool = True) -> float:
     """Two-sided 95 % Student-t critical value; scipy when present, else the table (conservative between rows)."""
     if df < 1:

@@ -366,6 +366,9 @@ def _warnings(ledger: Ledger, unknown: Counter, no_name: int) -> list[str]:
     if late:
         shown = "; ".join(ledger.examples.get("starts after the audio ends", []))
         out.append(f"{late} event(s) start after the end of their audio and are not used: {shown}")
+    bad = ledger.dropped["events"].get("end <= start", 0)
+    if bad:
+        out.append(f"{bad} event(s) with end <= start are not used: {'; '.join(ledger.examples['end <= start'])}")
     if ledger.clipped:
         out.append(f"{ledger.clipped} event(s) end after their audio ends; clipped at the end of the audio")
     if no_name:
