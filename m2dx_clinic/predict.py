@@ -116,8 +116,12 @@ def plan_segments(recording: Recording, duration: float, *, mode: SegmentMode, w
                   hop: float) -> tuple[list[tuple[float, float | None]], str]:
     """The (start, end) seconds to classify and where they came from: annotations, csv or window."""
     found = find_annotations(recording.path) if mode in ("auto", "annotations") and not recording.ranges else None
-    if found is not None:  # segments starting after the audio ends are left out, ends past it clipped
-        return [(s, min(e, duration)) for s, e in found[0] if s < duration], "annotations"
+    inside = [(s, min(e, duration)) for s, e in found[0] if s < duration] if found is not None else []
+    if inside:  # segments starting after the audio ends are left out, ends past it clipped
+        return inside, "annotations"
+    if mode == "annotations" and found is not None:
+        raise DataError(f"{found[1]}: no annotated segment inside the {duration:.2f} s of {recording.path.name}; "
+                        "use --segments window (or auto)")
     if mode == "annotations":
         raise DataError(f"{recording.path}: no annotation beside it (ICBHI {recording.path.stem}.txt, or SPRSound "
                         f"{recording.path.stem}.json beside it or in the matching *_json folder); "
