@@ -123,6 +123,9 @@ def load_audio(
             file_sr = f.samplerate
             first = 0 if start is None else max(0, int(round(start * file_sr)))
             last = f.frames if end is None else min(f.frames, int(round(end * file_sr)))
+            if start is not None and f.frames and first >= f.frames:
+                raise AudioError(path, f"the segment starts at {start:g} s, after the audio ends "
+                                       f"({f.frames / file_sr:.2f} s); fix or drop that annotation")
             if first > 0:
                 f.seek(min(first, f.frames))
             data = f.read(max(0, last - first), dtype="float32", always_2d=True)

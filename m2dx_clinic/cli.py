@@ -52,8 +52,9 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """Turn a small collection of body sounds into a strong classifier with M2D / M2D-X."""
 
 SET_HELP = "Override any recipe key, e.g. --set optim.epochs=300 (repeatable)."
-TASK_HELP = "icbhi | sprsound | csv"
-DATA_HELP = ("ICBHI or SPRSound folder, or for --task csv a CSV with columns path,label[,subject,split,start,end] "
+TASK_HELP = ("icbhi | sprsound (events, challenge task 1-2) | sprsound-1-1 (events normal/adventitious) | "
+             "sprsound-2-1 / sprsound-2-2 (records) | csv")
+DATA_HELP = ("ICBHI folder, SPRSound repository or BioCAS<year>/ folder, or for --task csv a CSV with columns path,label[,subject,split,start,end] "
              "(start/end in seconds; paths relative to the CSV).")
 CHECKPOINT_HELP = "Checkpoint: a published name (m2dx weights list), a checkpoint folder or a .pth file."
 NORMAL_HELP = "The class counted for Specificity (default: a class called normal)."
@@ -157,7 +158,7 @@ def _without_option(argv: list[str], option: str) -> list[str]:
 # ----------------------------------------------------------------------------- fine-tuning
 @app.command("finetune")
 def finetune_cmd(
-    task: str = typer.Option("icbhi", "--task", help="icbhi | sprsound | csv"),
+    task: str = typer.Option("icbhi", "--task", help=TASK_HELP),
     data: Path = typer.Option(..., "--data", help="ICBHI / SPRSound folder, or a CSV manifest for --task csv."),
     checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="Checkpoint: published name, folder or .pth."),
     recipe: str = typer.Option("icbhi_finetune", "--recipe", "-r", help="Fine-tuning recipe name in recipes/ or a TOML path."),
@@ -398,7 +399,7 @@ def data_download_cmd(
 
 @data_app.command("inspect")
 def data_inspect_cmd(
-    task: str = typer.Option("icbhi", "--task", help="icbhi | sprsound | csv"),
+    task: str = typer.Option("icbhi", "--task", help=TASK_HELP),
     data: Path = typer.Option(..., "--data", help=DATA_HELP),
     normal_class: Optional[str] = typer.Option(None, "--normal-class", help=NORMAL_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts instead of tables."),
@@ -421,7 +422,7 @@ def data_inspect_cmd(
 
 @data_app.command("export")
 def data_export_cmd(
-    task: str = typer.Option("icbhi", "--task", help="icbhi | sprsound | csv"),
+    task: str = typer.Option("icbhi", "--task", help=TASK_HELP),
     data: Path = typer.Option(..., "--data", help=DATA_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="CSV file to write."),
     split: Optional[list[str]] = typer.Option(None, "--split", help="Only these splits (train / test); repeatable."),

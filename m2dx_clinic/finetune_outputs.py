@@ -34,7 +34,8 @@ from .evaluation.checks import result_warnings, summary_value
 from .evaluation.clinical import choose_operating_point, clinical_report, p_abnormal
 from .evaluation.plots import plot_confusion, plot_learning_curves, plot_roc_pr
 from .fileio import atomic_link_or_copy, atomic_write_csv, atomic_write_json, to_jsonable
-from .metrics import aggregate_runs
+from .evaluation.ood import profile_of
+from .metrics import aggregate_runs, official_block
 from .model_card import write_model_card
 from .models.classifier import Classifier
 from .progress import console, environment_facts
@@ -143,6 +144,7 @@ def classifier_meta(run: "FinetuneRun", outcome: "RepeatOutcome") -> dict[str, A
         "recipe": to_dict(recipe),
         "operating_point": point,
         "data": td.fingerprint(run.splits),
+        "audio_profile": profile_of(run.splits["train"], prep.lms["train"], run.frontend.frames_per_second),
         "scores": {"val": _named_metrics(outcome.val, classes), "test": _named_metrics(outcome.test, classes)},
         "repeat": outcome.repeat,
         "seed": outcome.seed,
@@ -325,6 +327,12 @@ def write_outputs(run: "FinetuneRun", outcomes: Sequence["RepeatOutcome"], *, pr
         "metrics_note": "fractions in [0, 1]; recompute from predictions.csv (pred_index vs true_index per repeat and "
                         "split; the ensemble is the mean of the repeats' probabilities)",
     }
+    if td.accounting is not None:
+        metrics["data_accounting"] = td.accounting
+    if td.official_metric:
+        metrics["official"] = official_block(
+            td.official_metric, prep.labels, [{"val": o.val_probs, "test": o.test_probs} for o in outcomes],
+            normal_class=td.normal_class, num_classes=len(classes), aggregate_split=agg_split)
     if evaluation is not None:
         metrics.update({k: v for k, v in evaluation.items() if not k.startswith("_") and k != "warnings"})
         files = [o.classifier for o in outcomes if getattr(o, "classifier", None) is not None]
@@ -349,6 +357,12 @@ def write_outputs(run: "FinetuneRun", outcomes: Sequence["RepeatOutcome"], *, pr
             split = "test" if "test" in evaluation["ensemble"] else "val"
             console.print(comparison_table(evaluation, split=split, title=f"{split} split: the model ({len(outcomes)} "
                                            "repeat(s) averaged) next to the baseline and chance"))
+        official = metrics.get("official")
+        if official and official["aggregate"]["score"]["n"]:
+            values = "  ".join(f"{k.upper()} {official['aggregate'][k]['mean'] * 100:.2f}" for k in ("se", "sp", "as", "hs", "score"))
+            console.print(f"official {official['name']} scores ({agg_split}, mean of repeats): {values}")
+        for line in (td.accounting or {}).get("summary", []):
+            console.print(f"data: {line}")
         for line in warnings:
             console.print(f"[yellow]warning: {line}[/]")
         console.print(f"run folder: {run_dir}")

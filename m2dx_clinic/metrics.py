@@ -1,6 +1,6 @@
-"""ICBHI-style scores (Sp, Se, Score, accuracy, 2-class variant) and confidence intervals over runs.
+"""ICBHI-style scores (Sp, Se, Score, accuracy, 2-class variant), corpora's official scores, CIs over runs.
 
-The protocol is in docs/METHOD.md, "ICBHI protocol".
+The protocols are in docs/METHOD.md, "ICBHI protocol" and "SPRSound".
 
 Values are fractions in [0, 1]; the report layer multiplies by 100. A split with no normal (or no
 abnormal) items gives NaN for the quantity that cannot be computed instead of a crash or a fake 0.
@@ -74,6 +74,60 @@ def icbhi_scores(
         "n_normal": n_normal,
         "n_abnormal": n_abnormal,
     }
+
+
+def sprsound_scores(
+    y_true: Sequence[int] | np.ndarray,
+    y_pred: Sequence[int] | np.ndarray,
+    *,
+    normal_class: int = 0,
+    num_classes: int | None = None,
+) -> dict:
+    """The SPRSound challenge's scores (BioCAS 2022/2023, every task): SE, SP, AS, HS and Score.
+
+    SE = items of every non-normal class (Poor Quality included) predicted as their exact class / all
+    of them; SP = correct normal / all normal; AS = (SE + SP) / 2; HS = 2 SE SP / (SE + SP);
+    Score = (AS + HS) / 2. NaN where a side is empty; HS is 0 when SE + SP is 0.
+    """
+    base = icbhi_scores(y_true, y_pred, normal_class=normal_class, num_classes=num_classes)
+    se, sp = base["se"], base["sp"]
+    average = (se + sp) / 2
+    harmonic = math.nan if math.isnan(se) or math.isnan(sp) else (2 * se * sp / (se + sp) if se + sp > 0 else 0.0)
+    return {"se": se, "sp": sp, "as": average, "hs": harmonic, "score": (average + harmonic) / 2,
+            "n": base["n"], "n_normal": base["n_normal"], "n_abnormal": base["n_abnormal"]}
+
+
+# A corpus's own published score, by the name a task carries in `TaskData.official_metric`.
+OFFICIAL_SCORES = {"sprsound": sprsound_scores}
+
+
+def official_block(
+    name: str,
+    labels: Mapping[str, Sequence[int]],
+    repeats: Sequence[Mapping[str, object]],
+    *,
+    normal_class: int,
+    num_classes: int,
+    aggregate_split: str = "test",
+) -> dict:
+    """A corpus's official scores of a run: per repeat and split (argmax of each repeat's probabilities [N, K]),
+    their mean and CI over repeats on `aggregate_split`, and the repeats' averaged probabilities ('ensemble')."""
+    score = OFFICIAL_SCORES[name]
+    runs, sums = [], {}
+    for probs_by_split in repeats:
+        row = {}
+        for split, probs in probs_by_split.items():
+            if probs is None or split not in labels:
+                continue
+            p = np.asarray(probs, dtype=np.float64)
+            row[split] = score(labels[split], p.argmax(axis=1), normal_class=normal_class, num_classes=num_classes)
+            sums[split] = sums.get(split, 0) + p
+        runs.append(row)
+    ensemble = {split: score(labels[split], (total / len(repeats)).argmax(axis=1), normal_class=normal_class,
+                             num_classes=num_classes) for split, total in sums.items()}
+    chosen = [r[aggregate_split] for r in runs if aggregate_split in r]
+    return {"name": name, "runs": runs, "aggregate_split": aggregate_split,
+            "aggregate": aggregate_runs(chosen, ("se", "sp", "as", "hs", "score")), "ensemble": ensemble}
 
 
 def t_critical_95(df: int, *, use_scipy: bool = True) -> float:

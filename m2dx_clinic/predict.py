@@ -1,13 +1,16 @@
 """Classifying new recordings with a fine-tuned classifier: the library behind `m2dx predict`.
 
 The end of the journey: a team fine-tuned in order to use the model. Each recording is cut into
-segments (its ICBHI-style annotation `.txt`, the start/end of a CSV manifest, or sliding windows of
+segments (its annotation file found by `data.tasks.find_annotations`: ICBHI `.txt`, SPRSound `.json`;
+the start/end of a CSV manifest; or sliding windows of
 the model's segment length), every segment goes through exactly the training path (read at the
 model's rate, fitted to the segment length with the training padding, the same log-mel, per-sample
 normalisation with the encoder's statistics) and the classifier; a run folder with several repeats
 averages their probabilities. The operating point chosen on validation flags abnormal segments.
 
 One bad file never costs the batch: it is named in one line, every other recording is written.
+A recording unlike the classifier's training audio (`evaluation.ood`: far too short, an unseen sample
+rate, log-mel statistics far outside) is classified anyway and flagged (the `flags` columns).
 """
 
 from __future__ import annotations
@@ -28,12 +31,13 @@ import torch.nn.functional as F
 from ._version import __version__
 from .audio import audio_info, list_audio_files
 from .checkpoint.classifier import LoadedClassifier, classifier_files, find_classifier, load_classifier
-from .data.icbhi import read_annotation
+from .data.tasks import find_annotations
 from .data.segment_cache import prepare_segments, readable_rows
 from .data.segments import Segment, read_manifest
 from .errors import AudioError, CheckpointError, ConfigError, DataError, M2DXError
+from .evaluation import ood
 from .fileio import atomic_write_csv, atomic_write_json
-from .progress import make_progress
+from .progress import console, make_progress
 from .models.cpu_kernels import use_fast_cpu_kernels
 from .runtime import autocast, keep_freed_cpu_memory, pick_amp, pick_device
 
@@ -111,11 +115,16 @@ def collect_inputs(inputs: Sequence[str | Path]) -> tuple[list[Recording], list[
 def plan_segments(recording: Recording, duration: float, *, mode: SegmentMode, window: float,
                   hop: float) -> tuple[list[tuple[float, float | None]], str]:
     """The (start, end) seconds to classify and where they came from: annotations, csv or window."""
-    annotation = recording.path.with_suffix(".txt")
-    if mode in ("auto", "annotations") and not recording.ranges and annotation.is_file():
-        return [(start, end) for start, end, _, _ in read_annotation(annotation)], "annotations"
+    found = find_annotations(recording.path) if mode in ("auto", "annotations") and not recording.ranges else None
+    inside = [(s, min(e, duration)) for s, e in found[0] if s < duration] if found is not None else []
+    if inside:  # segments starting after the audio ends are left out, ends past it clipped
+        return inside, "annotations"
+    if mode == "annotations" and found is not None:
+        raise DataError(f"{found[1]}: no annotated segment inside the {duration:.2f} s of {recording.path.name}; "
+                        "use --segments window (or auto)")
     if mode == "annotations":
-        raise DataError(f"{recording.path}: no annotation file {annotation.name} beside it; "
+        raise DataError(f"{recording.path}: no annotation beside it (ICBHI {recording.path.stem}.txt, or SPRSound "
+                        f"{recording.path.stem}.json beside it or in the matching *_json folder); "
                         "use --segments window (or auto)")
     if mode == "auto" and recording.ranges:
         return [(start or 0.0, end) for start, end in recording.ranges], "csv"
@@ -124,6 +133,17 @@ def plan_segments(recording: Recording, duration: float, *, mode: SegmentMode, w
         starts.append(starts[-1] + hop)
     kept = [s for i, s in enumerate(starts) if i == 0 or duration - s >= MIN_WINDOW_FRACTION * window]
     return [(s, min(s + window, duration)) for s in kept], "window"
+
+
+def _ood_flags(profile: dict[str, Any] | None, items: list[Segment], lms: torch.Tensor, rate: int,
+               duration: float, frontend: Any) -> list[list[str]]:
+    """Per kept segment, what puts it outside the classifier's training audio (`evaluation.ood`)."""
+    if not profile:
+        return [[] for _ in items]
+    lengths = [(it.end if it.end is not None else duration) - (it.start or 0.0) for it in items]
+    stats = ood.segment_statistics(lms, lengths, frontend.frames_per_second)
+    return [ood.flag_segment(profile, duration=d, sample_rate=rate, mean=m, std=sd)
+            for d, (m, sd) in zip(lengths, stats)]
 
 
 # ---------------------------------------------------------------------------- applying the model
@@ -191,6 +211,8 @@ def predict(
     recordings, failed = collect_inputs(inputs)
     min_seconds = (frontend.n_fft // 2 + 1) / frontend.sample_rate
 
+    profile = head.meta.get("audio_profile")
+    flagged: list[tuple[str, list[str]]] = []
     seg_rows: list[dict[str, Any]] = []
     rec_rows: list[dict[str, Any]] = []
     modes: dict[str, str] = {}
@@ -199,7 +221,7 @@ def predict(
         task = bar.add_task("classifying", total=len(recordings), status="")
         for index, rec in enumerate(recordings):
             try:
-                _rate, duration = audio_info(rec.path)
+                rate, duration = audio_info(rec.path)
                 if duration < min_seconds:
                     raise AudioError(rec.path, f"too short ({duration * 1000:.1f} ms; at least "
                                                f"{min_seconds * 1000:.1f} ms); remove it or record longer")
@@ -223,21 +245,29 @@ def predict(
             abnormal_p = 1.0 - probs[:, normal]
             flags = abnormal_p >= threshold if threshold is not None else probs.argmax(axis=1) != normal
             kept_items = [it for it, k in zip(items, keep) if k]
-            for it, p, pa, flag in zip(kept_items, probs, abnormal_p, flags):
+            seg_flags = _ood_flags(profile, kept_items, lms[torch.from_numpy(keep)], rate, duration, frontend)
+            rec_flags = sorted({f.split(" (")[0] for fl in seg_flags for f in fl})
+            if rec_flags:
+                flagged.append((str(rec.path), rec_flags))
+            for it, p, pa, flag, why in zip(kept_items, probs, abnormal_p, flags, seg_flags):
                 seg_rows.append({"recording": str(rec.path), "segment": int(it.item_id.rsplit("#", 1)[1]),
                                  "start": it.start, "end": it.end if it.end is not None else duration,
                                  "source": source, **{f"prob_{c}": float(v) for c, v in zip(classes, p)},
                                  "predicted": classes[int(p.argmax())], "p_abnormal": float(pa),
-                                 "abnormal": bool(flag)})
+                                 "abnormal": bool(flag), "flags": "; ".join(why)})
             mean = probs.mean(axis=0)
             rec_rows.append({"recording": str(rec.path), "segments": int(len(probs)), "source": source,
                              "duration_s": duration, **{f"mean_prob_{c}": float(v) for c, v in zip(classes, mean)},
                              "abnormal_fraction": float(np.mean(flags)), "max_p_abnormal": float(abnormal_p.max()),
                              "predicted": classes[int(mean.argmax())],
-                             "skipped_segments": int((~keep).sum())})
+                             "skipped_segments": int((~keep).sum()), "flags": "; ".join(rec_flags)})
             elapsed = max(time.perf_counter() - t0, 1e-9)
             bar.update(task, advance=1, status=f"{(index + 1) / elapsed:.1f} rec/s, {audio_seconds / elapsed:.0f}x real time")
     elapsed = time.perf_counter() - t0
+    if progress:
+        console.print(ood.describe(profile))
+        for path, why in flagged:
+            console.print(f"[yellow]unlike the training audio:[/] {path}: {', '.join(why)}")
     out_dir = Path(out_dir)
     seg_frame, rec_frame = pd.DataFrame(seg_rows), pd.DataFrame(rec_rows)
     atomic_write_csv(out_dir / "segments.csv", seg_frame)
@@ -253,6 +283,8 @@ def predict(
         "segment_rule": head.meta.get("segment"), "segment_sources": modes,
         "recordings": len(rec_rows), "segments": len(seg_rows),
         "failed": [{"path": p, "problem": why} for p, why in failed],
+        "training_audio": ood.describe(profile), "audio_profile": bool(profile),
+        "flagged": [{"path": p, "flags": why} for p, why in flagged],
         "audio_seconds": audio_seconds, "seconds": elapsed,
         "recordings_per_s": len(rec_rows) / elapsed if elapsed > 0 else None,
         "real_time_factor": audio_seconds / elapsed if elapsed > 0 else None,

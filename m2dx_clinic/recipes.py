@@ -141,7 +141,7 @@ class FtDataSection:
     cycle_seconds: float = 8.0  # every segment is cut or padded to this length (the ICBHI protocol)
     pad: Literal["circular", "zero"] = "circular"
     val_fraction: float = 0.15  # subject-disjoint validation carved from the training split
-    test_set: Literal["inter", "intra", "all"] = "inter"  # SPRSound only
+    test_set: str = "inter"  # SPRSound only: inter, intra, all, a year (2023) or a name (2022-intra)
     cache_dir: str = ""  # log-mel cache of prepared cycles; default <data_root>/cache
     # Smoke runs only: keep at most this many items per split (a fixed seeded subset; 0 = all).
     # Scores from a subset are NOT comparable to published numbers.

@@ -163,7 +163,7 @@ def test_plan_segments_hop_and_modes(tmp_path):
     rec = Recording(tmp_path / "a.wav")
     plan, source = plan_segments(rec, 10.0, mode="window", window=4.0, hop=2.0)
     assert source == "window" and plan == [(0.0, 4.0), (2.0, 6.0), (4.0, 8.0), (6.0, 10.0), (8.0, 10.0)]
-    with pytest.raises(Exception, match="no annotation file a.txt"):
+    with pytest.raises(Exception, match=r"no annotation beside it \(ICBHI a.txt"):
         plan_segments(rec, 10.0, mode="annotations", window=4.0, hop=4.0)
     (tmp_path / "a.txt").write_text("0.5\t1.5\t0\t1\n2.0\t3.0\t1\t0\n")
     assert plan_segments(rec, 10.0, mode="auto", window=4.0, hop=4.0) == ([(0.5, 1.5), (2.0, 3.0)], "annotations")

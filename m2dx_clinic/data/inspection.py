@@ -1,7 +1,8 @@
 """`inspect`: what a loaded task really contains, before anyone trains on it.
 
 Reports recordings, subjects, items per class per split, segment durations, the sample rates of
-the audio files, missing audio and notes, as a JSON-serialisable dict and as rich tables. For a
+the audio files, missing audio and notes, and (where the loader counts them) every recording and event
+read, used and dropped with the reason, as a JSON-serialisable dict and as rich tables. For a
 task with a full annotation table (ICBHI), the counts over ALL annotated cycles are reported too,
 so they can be compared with the published figures even when only part of the audio is present.
 """
@@ -102,6 +103,8 @@ def inspect_task(task_data: TaskData) -> dict:
         "warnings": list(td.warnings),
         "notes": list(td.notes),
     }
+    if td.accounting is not None:
+        info["accounting"] = td.accounting
     if td.all_cycles is not None and not td.all_cycles.empty:
         info["all_annotations"] = _annotation_counts(td.all_cycles, td.classes)
     return info
@@ -118,6 +121,17 @@ def render_inspect(info: dict) -> Group:
         for split, row in info["all_annotations"].items():
             table.add_row(split, *[f"{row[c]:,}" for c in ["recordings", "subjects", "cycles", *classes]])
         parts.append(table)
+    if "accounting" in info:
+        table = Table(title=f"{info['task']}: every annotation file read")
+        for column in ["", "read", "used", "dropped", "why"]:
+            table.add_column(column, justify="left" if column in ("", "why") else "right")
+        for kind in ("recordings", "events"):
+            row = info["accounting"][kind]
+            why = "; ".join(f"{n} {reason}" for reason, n in row["dropped"].items()) or "-"
+            table.add_row(kind, str(row["read"]), str(row["used"]), str(sum(row["dropped"].values())), why)
+        parts.append(table)
+        for reason, shown in info["accounting"].get("examples", {}).items():
+            parts.append(f"[yellow]{reason}:[/] {'; '.join(shown)}")
     table = Table(title=f"{info['task']}: items with audio (normal class: {info['normal_class']})")
     for column in ["split", "recordings", "subjects", "items", *classes, "mean s", "min s", "max s"]:
         table.add_column(column, justify="left" if column == "split" else "right")

@@ -35,6 +35,10 @@ class TaskData:
     notes: list[str] = field(default_factory=list)
     # Every annotated segment, audio or not (ICBHI): lets `inspect` report the published counts.
     all_cycles: pd.DataFrame | None = None
+    # What was read, used and dropped, and why (recordings and events), when the loader counts it.
+    accounting: dict | None = None
+    # The name of the corpus's own score in `metrics.OFFICIAL_SCORES` (e.g. 'sprsound'), reported beside Se/Sp/Score.
+    official_metric: str | None = None
 
     def split(self, name: str) -> list[Segment]:
         if name not in SPLITS:
@@ -164,14 +168,16 @@ def carve_validation(
 def segment_items(segments: pd.DataFrame, numbers: pd.Series, subject_column: str) -> list[Segment]:
     """Items from annotated segments that have audio (`recording, split, start, end, label, audio_path`).
 
+    A row whose start and end are empty (None / NaN) is a whole recording (record-level tasks).
+
     `numbers` counts each segment within its recording over ALL annotations, audio or not, so an
     item id (`<recording>#<nnn>`) names the same segment whichever audio files are present.
     """
     return [
         Segment(
             path=Path(row.audio_path),
-            start=float(row.start),
-            end=float(row.end),
+            start=_seconds(row.start),
+            end=_seconds(row.end),
             label=int(row.label),
             subject=str(row[subject_column]),
             split=str(row.split),
@@ -180,6 +186,11 @@ def segment_items(segments: pd.DataFrame, numbers: pd.Series, subject_column: st
         )
         for index, row in segments.iterrows()
     ]
+
+
+def _seconds(value: object) -> float | None:
+    """A segment bound, None for a whole recording (None / NaN in the annotation table)."""
+    return None if value is None or pd.isna(value) else float(value)
 
 
 def finish_task(
@@ -204,6 +215,7 @@ def finish_task(
     """
     if not official:
         check_leakage(items, official=False, source=source)
+    subject_problems = subject_warnings(items)
     items, carve_notes = carve_validation(items, val_fraction=val_fraction, seed=seed, source=source)
     leaks = check_leakage(items, official=official, source=source)
     return TaskData(
@@ -212,11 +224,39 @@ def finish_task(
         normal_class=0,
         items=items,
         missing_audio=list(missing_audio or []),
-        warnings=[*warnings, *(leakage_prefix + w for w in leaks)],
+        warnings=[*warnings, *subject_problems, *(leakage_prefix + w for w in leaks)],
         official_split=official,
         notes=[*notes, *carve_notes],
         all_cycles=all_cycles,
     )
+
+
+def subject_warnings(items: Sequence[Segment], *, share: float = 0.5, min_recordings: int = 10) -> list[str]:
+    """Warnings when grouping by subject is impossible or degenerate in the training split.
+
+    Recordings without a subject (''), or one subject holding more than `share` of at least
+    `min_recordings` training recordings (e.g. anonymised names that all parse to the same id), make a
+    subject-disjoint validation split meaningless: most of the data sits on one side.
+    """
+    recordings: dict[str, str] = {}
+    for it in items:
+        if it.split in ("train", "val"):
+            recordings.setdefault(it.recording or str(it.path), str(it.subject or ""))
+    if not recordings:
+        return []
+    per_subject: dict[str, int] = {}
+    for subject in recordings.values():
+        per_subject[subject] = per_subject.get(subject, 0) + 1
+    out = []
+    blank = per_subject.get("", 0)
+    if blank:
+        out.append(f"{blank} training recording(s) have no subject id and are grouped as one subject; "
+                   "give each recording its patient (a subject column, or the corpus's naming rule)")
+    top, count = max(per_subject.items(), key=lambda kv: kv[1])
+    if len(recordings) >= min_recordings and count > share * len(recordings) and top != "":
+        out.append(f"subject {top!r} holds {count} of {len(recordings)} training recordings; the subject-disjoint "
+                   "validation split and the subject bootstrap are degenerate (check how subjects are named)")
+    return out
 
 
 def resolve_normal_class(classes: list[str], normal_class: str | None, default: str, source: str) -> int:
