@@ -177,6 +177,8 @@ def main() -> None:
     ap.add_argument("--steps", default="prepare,pretrain,finetune,predict")
     ap.add_argument("--cache-dtype", default="float32", choices=["float32", "float16"])
     ap.add_argument("--json", type=Path, help="append one JSON line per step here")
+    ap.add_argument("--predict-recordings", type=int, default=0,
+                    help="predict only the first K recordings (whole folders of 1,000; 0 = all): its time is linear")
     args = ap.parse_args()
 
     root = args.out / f"data-{args.recordings}x{args.seconds:g}s-{args.noise_clips}x{args.noise_seconds:g}s"
@@ -199,7 +201,8 @@ def main() -> None:
                      "--checkpoint", "PRETRAINED", "--out", str(ft_run), "--repeats", "1",
                      "--set", f"data.cache_dir='{cache}'", "--set", "optim.epochs=1",
                      "--set", f"data.cycle_seconds={args.seconds:g}"],
-        "predict": [*m2dx, "predict", "--model", str(ft_run), "--out", str(pred_out), str(paths["recordings"])],
+        "predict": [*m2dx, "predict", "--model", str(ft_run), "--out", str(pred_out),
+                    *predict_inputs(paths["recordings"], args.predict_recordings)],
     }
     for name in args.steps.split(","):
         cmd = steps[name]
@@ -216,6 +219,7 @@ def main() -> None:
             "recordings": args.recordings, "noise_clips": args.noise_clips, "recording_seconds": args.seconds,
             "noise_seconds": args.noise_seconds, "cache_dtype": args.cache_dtype,
             "cache_bytes": folder_bytes(cache), "date": time.strftime("%Y-%m-%d"),
+            "predicted_recordings": args.predict_recordings or args.recordings if name == "predict" else None,
             "open_files_limit": _nofile_limit(),
         })
         print(json.dumps(result), flush=True)
@@ -225,6 +229,13 @@ def main() -> None:
         if result["exit_code"] != 0:
             print((work / f"{name}.log").read_text()[-3000:], file=sys.stderr)
             sys.exit(f"step {name} failed (exit {result['exit_code']}); log: {work / f'{name}.log'}")
+
+
+def predict_inputs(folder: Path, limit: int) -> list[str]:
+    folders = sorted(p for p in folder.iterdir() if p.is_dir())
+    if limit > 0:
+        folders = folders[: max(1, -(-limit // 1000))]
+    return [str(p) for p in folders]
 
 
 def _nofile_limit() -> int:
