@@ -177,6 +177,8 @@ def main() -> None:
     ap.add_argument("--steps", default="prepare,pretrain,finetune,predict")
     ap.add_argument("--cache-dtype", default="float32", choices=["float32", "float16"])
     ap.add_argument("--json", type=Path, help="append one JSON line per step here")
+    ap.add_argument("--pretrain-steps", type=int, default=0,
+                    help="stop the pre-training epoch after K optimiser steps (0 = the whole epoch): its time is linear")
     ap.add_argument("--predict-recordings", type=int, default=0,
                     help="predict only the first K recordings (whole folders of 1,000; 0 = all): its time is linear")
     args = ap.parse_args()
@@ -196,7 +198,7 @@ def main() -> None:
                      "--noise", str(paths["noise"]), "--out", str(pre_run), "--set", f"data.cache_dir='{cache}'",
                      "--set", f"data.cache_dtype='{args.cache_dtype}'", "--set", "optim.epochs=1",
                      "--set", "optim.warmup_epochs=0", "--set", "data.min_ds_size=0", "--set", "run.log_every=50",
-                     "--set", "data.norm_stats_samples=2000"],
+                     "--set", "data.norm_stats_samples=2000", "--set", f"run.max_steps={args.pretrain_steps}"],
         "finetune": [*m2dx, "finetune", "--task", "csv", "--data", str(paths["labels"]), "--recipe", "tiny_finetune",
                      "--checkpoint", "PRETRAINED", "--out", str(ft_run), "--repeats", "1",
                      "--set", f"data.cache_dir='{cache}'", "--set", "optim.epochs=1",
@@ -220,6 +222,7 @@ def main() -> None:
             "noise_seconds": args.noise_seconds, "cache_dtype": args.cache_dtype,
             "cache_bytes": folder_bytes(cache), "date": time.strftime("%Y-%m-%d"),
             "predicted_recordings": args.predict_recordings or args.recordings if name == "predict" else None,
+            "pretrain_steps": args.pretrain_steps or "epoch" if name == "pretrain" else None,
             "open_files_limit": _nofile_limit(),
         })
         print(json.dumps(result), flush=True)
