@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,15 +38,17 @@ from .data.segments import Segment
 from .data.tasks import load_task
 from .data.task_data import TaskData, resolve_normal_class
 from .errors import ConfigError, DataError
-from .finetune_outputs import SCORE_KEYS, EpochsLog, FinetuneResult, save_repeat_classifier, write_outputs
+from .finetune_outputs import (REPEATS_DIR, SCORE_KEYS, EpochsLog, FinetuneResult, finished_repeats, save_repeat_classifier,
+                               save_repeat_record, shippable_recipe, write_outputs)
 from .metrics import icbhi_scores
 from .models.classifier import Classifier
 from .models.cpu_kernels import use_fast_cpu_kernels
 from .models.vit import AudioViT
 from .objectives import inverse_frequency_weights, lr_at, soft_cross_entropy
 from .progress import console, make_progress
+from .provenance import Provenance, run_provenance
 from .recipes import FinetuneRecipe, FtOptimSection, validate_finetune_recipe
-from .rundir import RunLock, default_run_dir, fingerprint, hold, remove_stale_temp_files
+from .rundir import RunLock, check_inputs, default_run_dir, fingerprint, hold, record_inputs, remove_stale_temp_files
 from .runtime import (
     SUBSET_SEED,
     TrainingDiverged,
@@ -450,6 +453,7 @@ class FinetuneRun:
     score_test: bool
     lock: RunLock
     inputs: dict[str, str]  # fingerprint of what the run is made from (the report reuses a run only on a match)
+    provenance: Provenance  # what shipped files say about where the run came from
     started: float = field(default_factory=time.time)
 
 
@@ -464,6 +468,7 @@ def prepare_run(
     has_callback: bool = False,
     progress: bool = True,
     task_data: TaskData | None = None,
+    resume: bool = False,
 ) -> FinetuneRun:
     """Everything that can be checked, before any training: recipe, task, splits, checkpoint, every audio file.
 
@@ -495,6 +500,9 @@ def prepare_run(
     try:
         if (run_dir / "metrics.json").exists():
             raise ConfigError(f"{run_dir}: already holds a finished fine-tuning run; pick another --out")
+        if not resume and finished_repeats(run_dir):
+            raise ConfigError(f"{run_dir}: holds finished repeats of an interrupted run; continue it with "
+                              f"m2dx finetune --resume {run_dir} (same --task/--data/--checkpoint), or pick another --out")
         remove_stale_temp_files(run_dir)
         recipe = copy.deepcopy(recipe)
         recipe.run.out = str(run_dir)
@@ -511,14 +519,27 @@ def prepare_run(
         lms = {k: v.to(device) for k, v in lms.items()}  # a few GB at most for ICBHI; avoids per-batch copies
     labels = {split: [it.label for it in items] for split, items in splits.items()}
     command = f"m2dx finetune --task {task} --data {data} --checkpoint {checkpoint}"
-    save_resolved(recipe, run_dir / "recipe.toml", header=f"resolved recipe of run {run_dir.name}\n{command}")
+    data_sha256 = td.fingerprint(splits)["sha256"]
+    provenance = run_provenance(recipe.run.provenance, task=task, data=data, data_sha256=data_sha256,
+                                checkpoint=checkpoint, run_dir=run_dir, name=recipe.run.model_name,
+                                normal_class=normal_class)
+    save_resolved(shippable_recipe(recipe, provenance), run_dir / "recipe.toml",
+                  header=f"resolved recipe of classifier {provenance.name}\nreproduce: {provenance.command}")
     if progress:
         for note in [*td.warnings, *notes]:
             console.print(f"[yellow]{note}[/]")
     prepared = _Prepared(recipe, encoder.to(device), list(td.classes), td.normal_class, lms, labels, device, amp_dtype)
-    inputs = finetune_inputs(recipe, td.fingerprint(splits)["sha256"], checkpoint)
+    inputs = finetune_inputs(recipe, data_sha256, checkpoint)
+    if resume:  # finished repeats are kept only when they were made from the same data, checkpoint and recipe
+        try:
+            check_inputs(run_dir / REPEATS_DIR, inputs, "finished repeats")
+        except BaseException:
+            lock.release()
+            raise
+    record_inputs(run_dir / REPEATS_DIR, inputs)
     return FinetuneRun(prepared, td, splits, run_dir, notes, task, Path(data), checkpoint, command, frontend,
-                       score_test, lock, inputs)
+                       score_test, lock, inputs, provenance)
+
 
 
 def finetune_inputs(recipe: FinetuneRecipe, data_sha256: str, checkpoint: str | Path) -> dict[str, str]:
@@ -531,6 +552,7 @@ def finetune_inputs(recipe: FinetuneRecipe, data_sha256: str, checkpoint: str | 
         ckpt = str(checkpoint)  # a published name
     values = to_dict(recipe)
     values["run"] = {k: v for k, v in values["run"].items() if k not in ("out", "device", "num_workers")}
+    values["data"] = {k: v for k, v in values["data"].items() if k != "cache_dir"}  # where, not what
     return fingerprint(data=data_sha256, checkpoint=ckpt, recipe=values)
 
 
@@ -545,19 +567,29 @@ def finetune(
     score_test: bool = True,
     progress: bool = True,
     task_data: TaskData | None = None,
+    resume: bool = False,
 ) -> FinetuneResult:
     """Fine-tune `checkpoint` on `task`, every repeat, and write the run directory; see the module docstring.
 
-    With `score_test=False` the test split is never read (the tuner relies on this).
+    With `score_test=False` the test split is never read (the tuner relies on this). Each finished
+    repeat is recorded (`repeats/repeat-<k>.json` + its classifier file); `resume=True` keeps those of
+    an interrupted run in `recipe.run.out` and trains only the rest. Ctrl-C says where the run stands.
     """
     run = prepare_run(recipe, task=task, data=data, checkpoint=checkpoint, normal_class=normal_class,
                       score_test=score_test, has_callback=epoch_callback is not None, progress=progress,
-                      task_data=task_data)
+                      task_data=task_data, resume=resume)
+    prep = run.prepared
+    total = prep.recipe.run.repeats
+    kept = {k: r for k, r in finished_repeats(run.run_dir).items() if k < total} if resume else {}
+    outcomes: list[RepeatOutcome] = []
     try:
         epochs_log = EpochsLog(run.run_dir / "epochs.csv")  # readable while the run goes on
-        prep = run.prepared
-        outcomes = []
-        for repeat in range(prep.recipe.run.repeats):
+        for repeat in range(total):
+            if repeat in kept:
+                outcomes.append(_outcome_from_record(kept[repeat], run.run_dir))
+                for row in outcomes[-1].epochs:
+                    epochs_log.append(row)
+                continue
             # Tuning trials (score_test=False) keep no weights: a classifier file per trial would fill the disk.
             outcome = run_repeat(prep, repeat, score_test=score_test, epoch_callback=epoch_callback,
                                  keep_state=score_test, on_epoch=epochs_log.append, progress=progress)
@@ -566,7 +598,32 @@ def finetune(
                 model.load_state_dict(outcome.best_state)
                 outcome.classifier = save_repeat_classifier(run, outcome, model.cpu().eval())
                 outcome.best_state = None  # written: free the memory before the next repeat
+                save_repeat_record(run.run_dir, outcome)
             outcomes.append(outcome)
         return write_outputs(run, outcomes, progress=progress)
+    except KeyboardInterrupt:
+        if score_test:
+            console.print(f"[yellow]interrupted in repeat {len(outcomes) + 1}/{total}: {len(outcomes)} finished "
+                          f"repeat(s) kept in {run.run_dir}; continue with: {resume_command(run)}[/]")
+        raise
     finally:
         run.lock.release()
+
+
+def resume_command(run: FinetuneRun) -> str:
+    """The command that continues an interrupted run (for the user's console, so with its real paths)."""
+    parts = ["m2dx", "finetune", "--resume", str(run.run_dir), "--task", run.task, "--data", str(run.data),
+             "--checkpoint", str(run.checkpoint)]
+    return shlex.join(parts)
+
+
+def _outcome_from_record(record: dict[str, Any], run_dir: Path) -> RepeatOutcome:
+    """A finished repeat of an interrupted run, as the loop would have returned it."""
+    def probs(key: str) -> torch.Tensor | None:
+        return None if record.get(key) is None else torch.tensor(record[key], dtype=torch.float64).float()
+
+    classifier = run_dir / record["classifier"] if record.get("classifier") else None
+    return RepeatOutcome(repeat=int(record["repeat"]), seed=int(record["seed"]),
+                         selected_epoch=int(record["selected_epoch"]), val=record.get("val"), test=record.get("test"),
+                         epochs=list(record.get("epochs") or []), val_probs=probs("val_probs"),
+                         test_probs=probs("test_probs"), best_state=None, classifier=classifier)

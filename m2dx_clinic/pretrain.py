@@ -52,7 +52,7 @@ from .objectives import (
     random_masking,
 )
 from .progress import MetricLogger, console, environment_facts, make_progress
-from .recipes import ModelSection, PretrainRecipe, validate_pretrain_recipe
+from .recipes import ModelSection, PretrainRecipe, pretrain_notes, validate_pretrain_recipe
 from .rundir import RunLock, default_run_dir, hold, remove_stale_temp_files
 from .runtime import (
     TrainingDiverged,
@@ -213,6 +213,7 @@ class Pretrainer:
             self.notes.append(f"no base checkpoint: the teacher is the frozen initial encoder ({saved})")
         self.notes += use_fast_cpu_kernels([self.model, teacher], self.device, self.amp_dtype)
         self.notes += keep_freed_cpu_memory(self.device)
+        self.notes += pretrain_notes(recipe)
         if teacher is not None and self.amp_dtype == torch.bfloat16:
             teacher.to(torch.bfloat16)  # frozen: cast once, not at every step (autocast would cast its weights anew)
         self.task = build_offline_task(recipe, self.data.label_names, teacher, self.device)
