@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import math
-import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,8 @@ from .data.tasks import load_task
 from .data.task_data import TaskData, resolve_normal_class
 from .errors import ConfigError, DataError
 from .finetune_outputs import (REPEATS_DIR, SCORE_KEYS, EpochsLog, FinetuneResult, finished_repeats, save_repeat_classifier,
-                               save_repeat_record, shippable_recipe, write_outputs)
+                               outcome_fields, resume_command, save_repeat_record, shippable_recipe,
+                               write_outputs)
 from .metrics import icbhi_scores
 from .models.classifier import Classifier
 from .models.cpu_kernels import use_fast_cpu_kernels
@@ -116,7 +116,6 @@ def validate_splits(td: TaskData, splits: dict[str, list[Segment]], recipe: Fine
             "scores are not comparable to published numbers"
         )
     return notes
-
 
 
 # ---------------------------------------------------------------------------- one batch, prediction, evaluation
@@ -433,8 +432,6 @@ def run_repeat(
     )
 
 
-
-
 # ---------------------------------------------------------------------------- entry point
 @dataclass
 class FinetuneRun:
@@ -495,15 +492,20 @@ def prepare_run(
     notes += keep_freed_cpu_memory(device)
     frontend = FrontEndConfig.for_sample_rate(encoder.config.sample_rate)
 
+    data_sha256 = td.fingerprint(splits)["sha256"]
+    inputs = finetune_inputs(recipe, data_sha256, checkpoint)
     run_dir = Path(recipe.run.out) if recipe.run.out else default_run_dir(recipe.name)
     lock = hold(run_dir, "m2dx finetune")  # one writer per run folder; released by finetune()
     try:
         if (run_dir / "metrics.json").exists():
             raise ConfigError(f"{run_dir}: already holds a finished fine-tuning run; pick another --out")
-        if not resume and finished_repeats(run_dir):
-            raise ConfigError(f"{run_dir}: holds finished repeats of an interrupted run; continue it with "
-                              f"m2dx finetune --resume {run_dir} (same --task/--data/--checkpoint), or pick another --out")
+        if resume:  # finished repeats are kept only when made from the same data, checkpoint and recipe
+            check_inputs(run_dir / REPEATS_DIR, inputs, "finished repeats")
+        elif finished_repeats(run_dir):
+            raise ConfigError(f"{run_dir}: holds an interrupted run; continue it with m2dx finetune --resume {run_dir} "
+                              "(same --task/--data/--checkpoint), or pick another --out")
         remove_stale_temp_files(run_dir)
+        record_inputs(run_dir / REPEATS_DIR, inputs)
         recipe = copy.deepcopy(recipe)
         recipe.run.out = str(run_dir)
         cache = cache_root(recipe.data.cache_dir) / "cycles" if recipe.data.disk_cache else None
@@ -519,7 +521,6 @@ def prepare_run(
         lms = {k: v.to(device) for k, v in lms.items()}  # a few GB at most for ICBHI; avoids per-batch copies
     labels = {split: [it.label for it in items] for split, items in splits.items()}
     command = f"m2dx finetune --task {task} --data {data} --checkpoint {checkpoint}"
-    data_sha256 = td.fingerprint(splits)["sha256"]
     provenance = run_provenance(recipe.run.provenance, task=task, data=data, data_sha256=data_sha256,
                                 checkpoint=checkpoint, run_dir=run_dir, name=recipe.run.model_name,
                                 normal_class=normal_class)
@@ -529,17 +530,8 @@ def prepare_run(
         for note in [*td.warnings, *notes]:
             console.print(f"[yellow]{note}[/]")
     prepared = _Prepared(recipe, encoder.to(device), list(td.classes), td.normal_class, lms, labels, device, amp_dtype)
-    inputs = finetune_inputs(recipe, data_sha256, checkpoint)
-    if resume:  # finished repeats are kept only when they were made from the same data, checkpoint and recipe
-        try:
-            check_inputs(run_dir / REPEATS_DIR, inputs, "finished repeats")
-        except BaseException:
-            lock.release()
-            raise
-    record_inputs(run_dir / REPEATS_DIR, inputs)
     return FinetuneRun(prepared, td, splits, run_dir, notes, task, Path(data), checkpoint, command, frontend,
                        score_test, lock, inputs, provenance)
-
 
 
 def finetune_inputs(recipe: FinetuneRecipe, data_sha256: str, checkpoint: str | Path) -> dict[str, str]:
@@ -571,9 +563,8 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune `checkpoint` on `task`, every repeat, and write the run directory; see the module docstring.
 
-    With `score_test=False` the test split is never read (the tuner relies on this). Each finished
-    repeat is recorded (`repeats/repeat-<k>.json` + its classifier file); `resume=True` keeps those of
-    an interrupted run in `recipe.run.out` and trains only the rest. Ctrl-C says where the run stands.
+    With `score_test=False` the test split is never read (the tuner relies on this). `resume=True` keeps
+    the finished repeats of an interrupted run (`repeats/`); Ctrl-C says where the run stands.
     """
     run = prepare_run(recipe, task=task, data=data, checkpoint=checkpoint, normal_class=normal_class,
                       score_test=score_test, has_callback=epoch_callback is not None, progress=progress,
@@ -581,15 +572,11 @@ def finetune(
     prep = run.prepared
     total = prep.recipe.run.repeats
     kept = {k: r for k, r in finished_repeats(run.run_dir).items() if k < total} if resume else {}
-    outcomes: list[RepeatOutcome] = []
+    outcomes = [RepeatOutcome(**outcome_fields(kept[k], run.run_dir)) for k in sorted(kept)]
     try:
         epochs_log = EpochsLog(run.run_dir / "epochs.csv")  # readable while the run goes on
-        for repeat in range(total):
-            if repeat in kept:
-                outcomes.append(_outcome_from_record(kept[repeat], run.run_dir))
-                for row in outcomes[-1].epochs:
-                    epochs_log.append(row)
-                continue
+        epochs_log.extend([row for o in outcomes for row in o.epochs])
+        for repeat in (k for k in range(total) if k not in kept):
             # Tuning trials (score_test=False) keep no weights: a classifier file per trial would fill the disk.
             outcome = run_repeat(prep, repeat, score_test=score_test, epoch_callback=epoch_callback,
                                  keep_state=score_test, on_epoch=epochs_log.append, progress=progress)
@@ -600,7 +587,7 @@ def finetune(
                 outcome.best_state = None  # written: free the memory before the next repeat
                 save_repeat_record(run.run_dir, outcome)
             outcomes.append(outcome)
-        return write_outputs(run, outcomes, progress=progress)
+        return write_outputs(run, sorted(outcomes, key=lambda o: o.repeat), progress=progress)
     except KeyboardInterrupt:
         if score_test:
             console.print(f"[yellow]interrupted in repeat {len(outcomes) + 1}/{total}: {len(outcomes)} finished "
@@ -609,21 +596,3 @@ def finetune(
     finally:
         run.lock.release()
 
-
-def resume_command(run: FinetuneRun) -> str:
-    """The command that continues an interrupted run (for the user's console, so with its real paths)."""
-    parts = ["m2dx", "finetune", "--resume", str(run.run_dir), "--task", run.task, "--data", str(run.data),
-             "--checkpoint", str(run.checkpoint)]
-    return shlex.join(parts)
-
-
-def _outcome_from_record(record: dict[str, Any], run_dir: Path) -> RepeatOutcome:
-    """A finished repeat of an interrupted run, as the loop would have returned it."""
-    def probs(key: str) -> torch.Tensor | None:
-        return None if record.get(key) is None else torch.tensor(record[key], dtype=torch.float64).float()
-
-    classifier = run_dir / record["classifier"] if record.get("classifier") else None
-    return RepeatOutcome(repeat=int(record["repeat"]), seed=int(record["seed"]),
-                         selected_epoch=int(record["selected_epoch"]), val=record.get("val"), test=record.get("test"),
-                         epochs=list(record.get("epochs") or []), val_probs=probs("val_probs"),
-                         test_probs=probs("test_probs"), best_state=None, classifier=classifier)

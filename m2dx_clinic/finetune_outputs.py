@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import math
+import shlex
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,7 +72,10 @@ class EpochsLog:
         self.rows: list[dict[str, Any]] = []
 
     def append(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
+        self.extend([row])
+
+    def extend(self, rows: Sequence[dict[str, Any]]) -> None:
+        self.rows.extend(rows)
         atomic_write_csv(self.path, pd.DataFrame(self.rows))
 
 
@@ -207,6 +211,26 @@ def finished_repeats(run_dir: Path) -> dict[int, dict[str, Any]]:
             continue
         out[int(record["repeat"])] = record
     return out
+
+
+def resume_command(run: "FinetuneRun") -> str:
+    """The command that continues an interrupted run (for the user's console, so with its real paths)."""
+    return shlex.join(["m2dx", "finetune", "--resume", str(run.run_dir), "--task", run.task, "--data", str(run.data),
+                       "--checkpoint", str(run.checkpoint)])
+
+
+def outcome_fields(record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """A finished repeat's record as the fields of the `RepeatOutcome` the loop would have returned."""
+    import torch
+
+    def probs(key: str) -> Any:
+        return None if record.get(key) is None else torch.tensor(record[key], dtype=torch.float64).float()
+
+    return {"repeat": int(record["repeat"]), "seed": int(record["seed"]),
+            "selected_epoch": int(record["selected_epoch"]), "val": record.get("val"), "test": record.get("test"),
+            "epochs": list(record.get("epochs") or []), "val_probs": probs("val_probs"),
+            "test_probs": probs("test_probs"), "best_state": None,
+            "classifier": run_dir / record["classifier"] if record.get("classifier") else None}
 
 
 def _selected_repeat(outcomes: Sequence["RepeatOutcome"], selection: str) -> int:
