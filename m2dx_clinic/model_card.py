@@ -94,7 +94,10 @@ def verdict(metrics: dict[str, Any], split: str) -> str:
         return f"No {split} Score could be computed: see the warnings below."
     where = "on the test split, scored once after the model was chosen" if split == "test" else \
         "on the validation split (no test split was scored), which also chose the model: optimistic"
-    text = f"ICBHI Score {_with_ci(ensemble.get(split), 'score')} % {where}"
+    ci = ((ensemble.get(split) or {}).get("ci95") or {}).get("score")
+    interval = (f" (95 % CI {_pct(ci[0])}-{_pct(ci[1])})"
+                if ci and all(isinstance(v, (int, float)) and math.isfinite(v) for v in ci) else "")
+    text = f"ICBHI Score {_pct(model)} %{interval} {where}"
     parts = []
     if base is not None:
         parts.append(f"the simple log-mel baseline reaches {_pct(base)} %")

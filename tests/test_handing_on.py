@@ -237,3 +237,19 @@ def test_an_interrupted_finetune_resumes_keeping_finished_repeats(planted, tmp_p
     cols = [c for c in a.columns if c.startswith("prob_")]
     assert np.abs(a[cols].to_numpy() - b[cols].to_numpy()).max() < 1e-6
     assert json.loads((out / "metrics.json").read_text())["ensemble"] == json.loads((whole / "metrics.json").read_text())["ensemble"]
+
+
+def test_card_verdict_in_words_next_to_baseline_and_chance():
+    from m2dx_clinic.model_card import verdict
+
+    def metrics(model: float, base: float) -> dict:
+        return {"ensemble": {"test": {"values": {"score": model, "auroc_abnormal": 0.7}, "ci95": {"score": [0.4, 0.6]}}},
+                "baseline": {"test": {"values": {"score": base}}},
+                "chance": {"always_normal": {"score": 0.45}, "class_prior": {"score": 0.44}}}
+
+    below = verdict(metrics(0.476, 0.52), "test")
+    assert below.startswith("ICBHI Score 47.6 % (95 % CI 40.0-60.0) on the test split")
+    assert "baseline reaches 52.0 %" in below and "chance 45.0 %" in below and "NOT BETTER THAN THE BASELINE" in below
+    assert "NOT USEFUL" in verdict(metrics(0.44, 0.40), "test")
+    good = verdict(metrics(0.8, 0.6), "test")
+    assert "better than the baseline and chance" in good and "AUROC (abnormal vs normal) is 70.0 %" in good
