@@ -325,18 +325,30 @@ def predict_cmd(
     batch_size: int = typer.Option(32, "--batch-size", help="Segments per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present) | cpu | cuda | cuda:N"),
     amp: str = typer.Option("off", "--amp", help="off (fp32) | auto | bf16: mixed precision (GPUs; CPUs with bf16 units)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary and one record per recording as JSON (for scripts)."),
 ) -> None:
     """Classify new recordings with a fine-tuned classifier: one row per segment and per recording.
 
     Example: m2dx predict --model runs/lung_ft new_recordings/ --out predictions/
     """
+    import json
+
     from .predict import predict
 
     if ensemble and repeat is not None:
         raise ConfigError("--ensemble averages every repeat and --repeat picks one; pass only one of them")
     result = predict(model, inputs, out, segments=segments, window_seconds=window_seconds, hop_seconds=hop_seconds,
-                     repeat=repeat, batch_size=batch_size, device=device, amp=amp)
+                     repeat=repeat, batch_size=batch_size, device=device, amp=amp, progress=not as_json)
     s = result.summary
+    if as_json:
+        print(json.dumps({"summary": s, "recordings": result.recordings.to_dict(orient="records")}, indent=2,
+                         default=str))
+        _exit_if_files_failed(result.failed)
+        return
+    for row in result.recordings.to_dict(orient="records"):
+        _console().print(f"{Path(row['recording']).name}: {row['predicted']}, abnormal in "
+                         f"{100 * row['abnormal_fraction']:.0f} % of {row['segments']} segment(s), "
+                         f"max P(abnormal) {row['max_p_abnormal']:.2f}", highlight=False)
     _console().print(f"classified {s['recordings']} recording(s), {s['segments']} segment(s) with "
                      f"{len(s['classifier_files'])} classifier file(s); abnormal when {s['abnormal_rule']}")
     if s["real_time_factor"]:

@@ -253,3 +253,18 @@ def test_card_verdict_in_words_next_to_baseline_and_chance():
     assert "NOT USEFUL" in verdict(metrics(0.44, 0.40), "test")
     good = verdict(metrics(0.8, 0.6), "test")
     assert "better than the baseline and chance" in good and "AUROC (abnormal vs normal) is 70.0 %" in good
+
+
+def test_predict_json_and_one_line_per_recording(planted, tmp_path):
+    wavs = sorted(planted["root"].glob("*.wav"))[:2]
+    proc = subprocess.run([*CLI, "predict", "--model", str(planted["run"]), "--out", str(tmp_path / "j"), "--json",
+                           *map(str, wavs)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    table = pd.read_csv(tmp_path / "j" / "recordings.csv")
+    assert [Path(r["recording"]).name for r in data["recordings"]] == [w.name for w in wavs]
+    assert [r["abnormal_fraction"] for r in data["recordings"]] == pytest.approx(table["abnormal_fraction"].tolist())
+    proc = subprocess.run([*CLI, "predict", "--model", str(planted["run"]), "--out", str(tmp_path / "t"),
+                           *map(str, wavs)], capture_output=True, text=True)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and all(f"{w.name}: " in text for w in wavs)
