@@ -505,7 +505,6 @@ def prepare_run(
             raise ConfigError(f"{run_dir}: holds an interrupted run; continue it with m2dx finetune --resume {run_dir} "
                               "(same --task/--data/--checkpoint), or pick another --out")
         remove_stale_temp_files(run_dir)
-        record_inputs(run_dir / REPEATS_DIR, inputs)
         recipe = copy.deepcopy(recipe)
         recipe.run.out = str(run_dir)
         cache = cache_root(recipe.data.cache_dir) / "cycles" if recipe.data.disk_cache else None
@@ -514,6 +513,7 @@ def prepare_run(
             lms[split] = prepare_segments(items, frontend=frontend, length_s=recipe.data.cycle_seconds,
                                           pad=recipe.data.pad, cache_dir=cache, workers=recipe.run.num_workers,
                                           progress=progress, description=f"prepare {split} cycles")
+        record_inputs(run_dir / REPEATS_DIR, inputs)  # only once every audio file was read
     except BaseException:
         lock.release()
         raise
