@@ -15,6 +15,7 @@ metadata), so the rule lives here and nowhere else.
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 from dataclasses import dataclass
@@ -56,17 +57,26 @@ def short_sha(sha256: str) -> str:
     return f"sha256:{sha256[:12]}"
 
 
+@functools.lru_cache(maxsize=32)
+def _content_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, once per (file, size, modification time): tuning trials share one base checkpoint."""
+    return sha256_file(Path(path))
+
+
 def checkpoint_fingerprint(checkpoint: str | Path) -> str | None:
     """sha256 of a checkpoint file's content (a folder: of its `.pth` files in name order); None for a name."""
     import hashlib
 
     path = Path(str(checkpoint)).expanduser()
     if path.is_file():
-        return sha256_file(path)
+        stat = path.stat()
+        return _content_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if path.is_dir():
         digest = hashlib.sha256()
         for file in sorted(path.glob("*.pth")):
-            digest.update(file.name.encode() + b"\0" + sha256_file(file).encode())
+            stat = file.stat()
+            digest.update(file.name.encode() + b"\0" + _content_sha256(str(file.resolve()), stat.st_size,
+                                                                        stat.st_mtime_ns).encode())
         return digest.hexdigest()
     return None
 
