@@ -268,3 +268,11 @@ def test_predict_json_and_one_line_per_recording(planted, tmp_path):
                            *map(str, wavs)], capture_output=True, text=True)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0 and all(f"{w.name}: " in text for w in wavs)
+
+
+def test_resume_with_other_settings_is_one_line(tmp_path):
+    proc = subprocess.run([*CLI, "finetune", "--resume", str(tmp_path), "--task", "csv", "--data", str(tmp_path / "x.csv"),
+                           "--checkpoint", "c", "--epochs", "3", "--set", "model.layer_decay=0.5"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "drop --epochs, --set" in proc.stderr
