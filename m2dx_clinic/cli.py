@@ -60,6 +60,8 @@ CHECKPOINT_HELP = "Checkpoint: a published name (m2dx weights list), a checkpoin
 NORMAL_HELP = "The class counted for Specificity (default: a class called normal)."
 DEVICE_HELP = "auto (CUDA when present) | cpu | cuda | cuda:N"
 OUT_HELP = "Run directory (default runs/<recipe>-<time>)."
+PROVENANCE_HELP = ("clean (default): shipped files name no path, user, host, recording or subject | "
+                   "full: keep the paths (for files that never leave the team).")
 
 
 def _console():
@@ -108,6 +110,8 @@ def further_pretrain_cmd(
              "run.save_every": save_every, "data.min_ds_size": min_ds_size, "data.noise_ratio": noise_ratio,
              "optim.batch_size": batch_size, "run.device": device,
              "data.data_root": str(data_root) if data_root else None, "data.skip_bad": True if skip_bad else None}
+    if noise == "none" and noise_ratio is None:
+        extra["data.noise_ratio"] = 0.0  # no noise on purpose: the recorded recipe says so
     run_dir = pretrain.start_or_resume(recipe, resume, _overrides(extra, sets), on_save=on_save)
     on_save.close()  # the report of the last checkpoint
     _console().print(f"[green]done[/]: checkpoints, metrics.jsonl and report/ in {run_dir}")
@@ -161,8 +165,9 @@ def finetune_cmd(
     task: str = typer.Option("icbhi", "--task", help=TASK_HELP),
     data: Path = typer.Option(..., "--data", help="ICBHI / SPRSound folder, or a CSV manifest for --task csv."),
     checkpoint: str = typer.Option(..., "--checkpoint", "-c", help="Checkpoint: published name, folder or .pth."),
-    recipe: str = typer.Option("icbhi_finetune", "--recipe", "-r", help="Fine-tuning recipe name in recipes/ or a TOML path."),
-    params: Optional[Path] = typer.Option(None, "--params", help="best.toml from `m2dx tune`."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run in this folder (its recipe.toml; finished repeats are kept)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Fine-tuning recipe name in recipes/ or a TOML path (default: the one --params was tuned with, else icbhi_finetune)."),
+    params: Optional[Path] = typer.Option(None, "--params", help="best.toml from `m2dx tune`; it brings the recipe it was tuned with."),
     normal_class: Optional[str] = typer.Option(None, "--normal-class", help="Class counted for Specificity."),
     repeats: Optional[int] = typer.Option(None, "--repeats", help="Independent runs; reports mean ± 95% CI."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the first repeat (repeat k uses seed + k)."),
@@ -170,23 +175,40 @@ def finetune_cmd(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Number of epochs (overrides the recipe)."),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help=OUT_HELP),
+    name: Optional[str] = typer.Option(None, "--name", help="The classifier's name on its model card (default: the task kind + a data fingerprint)."),
+    provenance: Optional[str] = typer.Option(None, "--provenance", help=PROVENANCE_HELP),
     sets: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Fine-tune and report ICBHI-style Sensitivity / Specificity / Score.
 
     Example: m2dx finetune --task icbhi --data ICBHI/ --checkpoint runs/lung/m2d_x_vit_base-80x200p16x4p16k-261126
     """
-    from .config import load_params_toml, load_recipe
+    from .config import load_params_toml, load_recipe, recipe_for_params
     from .finetune import finetune
     from .recipes import FinetuneRecipe
 
     if selection not in (None, "val", "test-best"):
         raise ConfigError(f"--selection must be val or test-best, got {selection!r}")
-    from_params = load_params_toml(params) if params else []
-    extra = {"run.repeats": repeats, "run.seed": seed, "run.selection": selection, "optim.epochs": epochs,
-             "run.device": device, "run.out": str(out) if out else None}
-    rec = load_recipe(FinetuneRecipe, recipe, [*from_params, *_overrides(extra, sets)])
-    result = finetune(rec, task=task, data=data, checkpoint=checkpoint, normal_class=normal_class)
+    if resume is not None:
+        given = [flag for flag, value in (("--recipe", recipe), ("--params", params), ("--repeats", repeats),
+                                          ("--seed", seed), ("--selection", selection), ("--epochs", epochs),
+                                          ("--out", out), ("--name", name), ("--provenance", provenance),
+                                          ("--set", sets)) if value]
+        if given:
+            raise ConfigError(f"{resume}: --resume continues the run with its own recipe.toml; drop {', '.join(given)} "
+                              "(or start a new run with them)")
+        if not (resume / "recipe.toml").is_file():
+            raise ConfigError(f"{resume}: no recipe.toml, so not a fine-tuning run folder; pass the folder m2dx finetune wrote")
+        rec = load_recipe(FinetuneRecipe, str(resume / "recipe.toml"), _overrides(
+            {"run.out": str(resume), "run.device": device}, None))
+    else:
+        from_params = load_params_toml(params) if params else []
+        extra = {"run.repeats": repeats, "run.seed": seed, "run.selection": selection, "optim.epochs": epochs,
+                 "run.device": device, "run.out": str(out) if out else None, "run.model_name": name,
+                 "run.provenance": provenance}
+        rec = load_recipe(FinetuneRecipe, recipe_for_params(recipe, params), [*from_params, *_overrides(extra, sets)])
+    result = finetune(rec, task=task, data=data, checkpoint=checkpoint, normal_class=normal_class,
+                      resume=resume is not None)
     _console().print(f"[green]done[/]: metrics.json, predictions.csv and plots in {result.run_dir}")
 
 
@@ -218,6 +240,24 @@ def tune_cmd(
                   timeout=timeout, storage=storage, study_name=study, out=out, repeats=repeats,
                   pruner=pruner, normal_class=normal_class, overrides=list(sets or []), final_test=not no_final_test)
     _console().print(f"[green]done[/]: best.toml, trials.csv and plots in {result.out_dir}")
+
+
+@app.command("recipes")
+def recipes_cmd() -> None:
+    """List the bundled recipes (pass a name to --recipe, or copy the file and pass its path).
+
+    Example: m2dx recipes
+    """
+    from rich.table import Table
+
+    from .config import RECIPES_DIR, list_recipes
+
+    table = Table(title=f"Recipes ({RECIPES_DIR})")
+    for column in ("name", "read by", "what it is"):
+        table.add_column(column, overflow="fold")
+    for row in list_recipes():
+        table.add_row(row["name"], row["command"], row["about"])
+    _console().print(table)
 
 
 # ----------------------------------------------------------------------------- report
@@ -286,18 +326,30 @@ def predict_cmd(
     batch_size: int = typer.Option(32, "--batch-size", help="Segments per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present) | cpu | cuda | cuda:N"),
     amp: str = typer.Option("off", "--amp", help="off (fp32) | auto | bf16: mixed precision (GPUs; CPUs with bf16 units)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary and one record per recording as JSON (for scripts)."),
 ) -> None:
     """Classify new recordings with a fine-tuned classifier: one row per segment and per recording.
 
     Example: m2dx predict --model runs/lung_ft new_recordings/ --out predictions/
     """
+    import json
+
     from .predict import predict
 
     if ensemble and repeat is not None:
         raise ConfigError("--ensemble averages every repeat and --repeat picks one; pass only one of them")
     result = predict(model, inputs, out, segments=segments, window_seconds=window_seconds, hop_seconds=hop_seconds,
-                     repeat=repeat, batch_size=batch_size, device=device, amp=amp)
+                     repeat=repeat, batch_size=batch_size, device=device, amp=amp, progress=not as_json)
     s = result.summary
+    if as_json:
+        print(json.dumps({"summary": s, "recordings": result.recordings.to_dict(orient="records")}, indent=2,
+                         default=str))
+        _exit_if_files_failed(result.failed)
+        return
+    for row in result.recordings.to_dict(orient="records"):
+        _console().print(f"{Path(row['recording']).name}: {row['predicted']}, abnormal in "
+                         f"{100 * row['abnormal_fraction']:.0f} % of {row['segments']} segment(s), "
+                         f"max P(abnormal) {row['max_p_abnormal']:.2f}", highlight=False)
     _console().print(f"classified {s['recordings']} recording(s), {s['segments']} segment(s) with "
                      f"{len(s['classifier_files'])} classifier file(s); abnormal when {s['abnormal_rule']}")
     if s["real_time_factor"]:
@@ -316,21 +368,24 @@ def _exit_if_files_failed(failed: list[tuple[Path, str]]) -> None:
 
 @app.command("export")
 def export_cmd(
-    model: Path = typer.Option(..., "--model", "-m", help="A fine-tuning run folder (its best.pt) or a classifier file."),
+    model: Path = typer.Option(..., "--model", "-m", help="A fine-tuning run folder (the mean of its repeats, as predict uses it) or a classifier file."),
     format: str = typer.Option(..., "--format", "-f", help="onnx (probabilities from a normalised log-mel segment) | safetensors (no pickle)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output file; a JSON sidecar <out>.json says how to feed it."),
-    repeat: Optional[int] = typer.Option(None, "--repeat", help="Export this repeat of a run folder instead of best.pt."),
+    repeat: Optional[int] = typer.Option(None, "--repeat", help="Export only this repeat of a run folder."),
+    provenance: str = typer.Option("clean", "--provenance", help=PROVENANCE_HELP),
 ) -> None:
     """Export a classifier as ONNX or safetensors, with a JSON sidecar (classes, front-end, segment rule, operating point).
 
     Example: m2dx export --model runs/lung_ft --format onnx --out lung.onnx
     """
-    from .checkpoint.classifier import find_classifier, load_classifier
-    from .export import export_classifier
+    from .export import export_classifier, what_is_exported
+    from .predict import load_model_set
 
     if format not in ("onnx", "safetensors"):
         raise ConfigError(f"--format {format!r}: use onnx or safetensors")
-    written = export_classifier(load_classifier(find_classifier(model, repeat)), format, out)
+    models = load_model_set(model, repeat=repeat)
+    written = export_classifier(models, format, out, provenance=provenance)
+    _console().print(f"exported {what_is_exported(models)}")
     _console().print(f"[green]wrote[/] {written} and {written}.json")
 
 
@@ -521,5 +576,6 @@ def main() -> None:
         print(f"error: {limit}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted; a further-pretrain run continues with --resume RUN_DIR", file=sys.stderr)
+        print("interrupted; further-pretrain, pretrain and finetune runs continue with --resume RUN_DIR "
+              "(finished work is kept)", file=sys.stderr)
         sys.exit(130)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 import types
 import typing
@@ -22,6 +23,19 @@ from .fileio import atomic_write_text as atomic_write_text  # save_resolved; re-
 T = TypeVar("T")
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def list_recipes() -> list[dict[str, str]]:
+    """The bundled recipes: name, which command reads them, and the first line of their header."""
+    out = []
+    for path in sorted(RECIPES_DIR.glob("*.toml")):
+        header = next((line.lstrip("# ").strip() for line in path.read_text(encoding="utf-8").splitlines()
+                       if line.startswith("#") and line.lstrip("# ").strip()), "")
+        stem = path.stem
+        command = ("m2dx tune" if stem.endswith("_tune") else "m2dx finetune" if stem.endswith("_finetune")
+                   else "m2dx pretrain" if stem.startswith("audioset") else "m2dx further-pretrain")
+        out.append({"name": stem, "command": command, "about": header})
+    return out
 
 
 def find_recipe(name_or_path: str | Path) -> Path:
@@ -265,6 +279,37 @@ def load_params_toml(path: str | Path) -> list[str]:
     values = read_toml(path, what="parameters file")
     values.pop("about", None)
     return to_overrides(values)
+
+
+PARAMS_RECIPE_KEY = "finetune_recipe"  # in the [about] table of a best-parameters file
+DEFAULT_FINETUNE_RECIPE = "icbhi_finetune"
+
+
+def params_recipe(path: str | Path) -> str | None:
+    """The fine-tuning recipe a best-parameters file was tuned with: `[about] finetune_recipe`, or (files
+    written before it existed) the `# fine-tune recipe: NAME` header line; None when it says nothing."""
+    values = read_toml(path, what="parameters file")
+    about = values.get("about")
+    if isinstance(about, dict) and about.get(PARAMS_RECIPE_KEY):
+        return str(about[PARAMS_RECIPE_KEY])
+    text = Path(path).expanduser().read_text(encoding="utf-8")
+    match = re.search(r"^#\s*fine-tune recipe:\s*(\S+)\s*$", text, flags=re.MULTILINE)
+    return match.group(1) if match else None
+
+
+def recipe_for_params(recipe: str | None, params: str | Path | None) -> str:
+    """The fine-tuning recipe to use: --recipe, else the one --params was tuned with, else the default.
+
+    Tuned values applied to another recipe would silently train something that was never tuned, so a
+    --recipe that differs from the tuned one is refused with one line naming both.
+    """
+    tuned = params_recipe(params) if params else None
+    if recipe is None:
+        return tuned or DEFAULT_FINETUNE_RECIPE
+    if tuned is not None and recipe != tuned and Path(recipe).stem != Path(tuned).stem:
+        raise ConfigError(f"{params}: tuned with recipe {tuned!r}, but --recipe {recipe!r} was given; "
+                          f"drop --recipe (or pass --recipe {tuned})")
+    return recipe
 
 
 def save_resolved(recipe: Any, path: str | Path, header: str = "") -> Path:

@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from collections.abc import Callable, Sequence
@@ -253,6 +254,12 @@ def download_file(
                 time.sleep(RETRY_SLEEP_S * (attempt + 1))
     if not finished:
         reason = f"{type(last_error).__name__}: {last_error}" if last_error else "connection dropped"
+        if not part.exists() or part.stat().st_size == 0:  # nothing arrived: no network, not a dropped download
+            host = urllib.parse.urlsplit(url).netloc or url
+            raise DownloadError(
+                f"{url}: could not reach {host} after {retries + 1} attempts ({reason}); check this machine's "
+                f"network connection (or HTTPS_PROXY), or download the file elsewhere and put it at {dest}"
+            )
         raise DownloadError(
             f"{url}: download did not finish after {retries + 1} attempts ({reason}); "
             f"re-run the command to resume from {part}"

@@ -37,15 +37,18 @@ from .data.segments import Segment
 from .data.tasks import load_task
 from .data.task_data import TaskData, resolve_normal_class
 from .errors import ConfigError, DataError
-from .finetune_outputs import SCORE_KEYS, EpochsLog, FinetuneResult, save_repeat_classifier, write_outputs
+from .finetune_outputs import (REPEATS_DIR, SCORE_KEYS, EpochsLog, FinetuneResult, finished_repeats, save_repeat_classifier,
+                               outcome_fields, resume_command, save_repeat_record, shippable_recipe,
+                               write_outputs)
 from .metrics import icbhi_scores
 from .models.classifier import Classifier
 from .models.cpu_kernels import use_fast_cpu_kernels
 from .models.vit import AudioViT
 from .objectives import inverse_frequency_weights, lr_at, soft_cross_entropy
 from .progress import console, make_progress
+from .provenance import Provenance, run_provenance
 from .recipes import FinetuneRecipe, FtOptimSection, validate_finetune_recipe
-from .rundir import RunLock, default_run_dir, fingerprint, hold, remove_stale_temp_files
+from .rundir import RunLock, check_inputs, default_run_dir, fingerprint, hold, record_inputs, remove_stale_temp_files
 from .runtime import (
     SUBSET_SEED,
     TrainingDiverged,
@@ -128,7 +131,6 @@ def validate_splits(td: TaskData, splits: dict[str, list[Segment]], recipe: Fine
             "scores are not comparable to published numbers"
         )
     return notes
-
 
 
 # ---------------------------------------------------------------------------- one batch, prediction, evaluation
@@ -445,8 +447,6 @@ def run_repeat(
     )
 
 
-
-
 # ---------------------------------------------------------------------------- entry point
 @dataclass
 class FinetuneRun:
@@ -465,6 +465,7 @@ class FinetuneRun:
     score_test: bool
     lock: RunLock
     inputs: dict[str, str]  # fingerprint of what the run is made from (the report reuses a run only on a match)
+    provenance: Provenance  # what shipped files say about where the run came from
     started: float = field(default_factory=time.time)
 
 
@@ -479,6 +480,7 @@ def prepare_run(
     has_callback: bool = False,
     progress: bool = True,
     task_data: TaskData | None = None,
+    resume: bool = False,
 ) -> FinetuneRun:
     """Everything that can be checked, before any training: recipe, task, splits, checkpoint, every audio file.
 
@@ -505,11 +507,18 @@ def prepare_run(
     notes += keep_freed_cpu_memory(device)
     frontend = FrontEndConfig.for_sample_rate(encoder.config.sample_rate)
 
+    data_sha256 = td.fingerprint(splits)["sha256"]
+    inputs = finetune_inputs(recipe, data_sha256, checkpoint)
     run_dir = Path(recipe.run.out) if recipe.run.out else default_run_dir(recipe.name)
     lock = hold(run_dir, "m2dx finetune")  # one writer per run folder; released by finetune()
     try:
         if (run_dir / "metrics.json").exists():
             raise ConfigError(f"{run_dir}: already holds a finished fine-tuning run; pick another --out")
+        if resume:  # finished repeats are kept only when made from the same data, checkpoint and recipe
+            check_inputs(run_dir / REPEATS_DIR, inputs, "finished repeats")
+        elif finished_repeats(run_dir):
+            raise ConfigError(f"{run_dir}: holds an interrupted run; continue it with m2dx finetune --resume {run_dir} "
+                              "(same --task/--data/--checkpoint), or pick another --out")
         remove_stale_temp_files(run_dir)
         recipe = copy.deepcopy(recipe)
         recipe.run.out = str(run_dir)
@@ -519,20 +528,24 @@ def prepare_run(
             lms[split] = prepare_segments(items, frontend=frontend, length_s=recipe.data.cycle_seconds,
                                           pad=recipe.data.pad, cache_dir=cache, workers=recipe.run.num_workers,
                                           progress=progress, description=f"prepare {split} cycles")
+        record_inputs(run_dir / REPEATS_DIR, inputs)  # only once every audio file was read
     except BaseException:
         lock.release()
         raise
     lms = {k: on_device_if_small(v, device) for k, v in lms.items()}
     labels = {split: [it.label for it in items] for split, items in splits.items()}
     command = f"m2dx finetune --task {task} --data {data} --checkpoint {checkpoint}"
-    save_resolved(recipe, run_dir / "recipe.toml", header=f"resolved recipe of run {run_dir.name}\n{command}")
+    provenance = run_provenance(recipe.run.provenance, task=task, data=data, data_sha256=data_sha256,
+                                checkpoint=checkpoint, run_dir=run_dir, name=recipe.run.model_name,
+                                normal_class=normal_class)
+    save_resolved(shippable_recipe(recipe, provenance), run_dir / "recipe.toml",
+                  header=f"resolved recipe of classifier {provenance.name}\nreproduce: {provenance.command}")
     if progress:
         for note in [*td.warnings, *notes]:
             console.print(f"[yellow]{note}[/]")
     prepared = _Prepared(recipe, encoder.to(device), list(td.classes), td.normal_class, lms, labels, device, amp_dtype)
-    inputs = finetune_inputs(recipe, td.fingerprint(splits)["sha256"], checkpoint)
     return FinetuneRun(prepared, td, splits, run_dir, notes, task, Path(data), checkpoint, command, frontend,
-                       score_test, lock, inputs)
+                       score_test, lock, inputs, provenance)
 
 
 def finetune_inputs(recipe: FinetuneRecipe, data_sha256: str, checkpoint: str | Path) -> dict[str, str]:
@@ -545,6 +558,7 @@ def finetune_inputs(recipe: FinetuneRecipe, data_sha256: str, checkpoint: str | 
         ckpt = str(checkpoint)  # a published name
     values = to_dict(recipe)
     values["run"] = {k: v for k, v in values["run"].items() if k not in ("out", "device", "num_workers")}
+    values["data"] = {k: v for k, v in values["data"].items() if k != "cache_dir"}  # where, not what
     return fingerprint(data=data_sha256, checkpoint=ckpt, recipe=values)
 
 
@@ -559,19 +573,24 @@ def finetune(
     score_test: bool = True,
     progress: bool = True,
     task_data: TaskData | None = None,
+    resume: bool = False,
 ) -> FinetuneResult:
     """Fine-tune `checkpoint` on `task`, every repeat, and write the run directory; see the module docstring.
 
-    With `score_test=False` the test split is never read (the tuner relies on this).
+    With `score_test=False` the test split is never read (the tuner relies on this). `resume=True` keeps
+    the finished repeats of an interrupted run (`repeats/`); Ctrl-C says where the run stands.
     """
     run = prepare_run(recipe, task=task, data=data, checkpoint=checkpoint, normal_class=normal_class,
                       score_test=score_test, has_callback=epoch_callback is not None, progress=progress,
-                      task_data=task_data)
+                      task_data=task_data, resume=resume)
+    prep = run.prepared
+    total = prep.recipe.run.repeats
+    kept = {k: r for k, r in finished_repeats(run.run_dir).items() if k < total} if resume else {}
+    outcomes = [RepeatOutcome(**outcome_fields(kept[k], run.run_dir)) for k in sorted(kept)]
     try:
         epochs_log = EpochsLog(run.run_dir / "epochs.csv")  # readable while the run goes on
-        prep = run.prepared
-        outcomes = []
-        for repeat in range(prep.recipe.run.repeats):
+        epochs_log.extend([row for o in outcomes for row in o.epochs])
+        for repeat in (k for k in range(total) if k not in kept):
             # Tuning trials (score_test=False) keep no weights: a classifier file per trial would fill the disk.
             outcome = run_repeat(prep, repeat, score_test=score_test, epoch_callback=epoch_callback,
                                  keep_state=score_test, on_epoch=epochs_log.append, progress=progress)
@@ -580,7 +599,14 @@ def finetune(
                 model.load_state_dict(outcome.best_state)
                 outcome.classifier = save_repeat_classifier(run, outcome, model.cpu().eval())
                 outcome.best_state = None  # written: free the memory before the next repeat
+                save_repeat_record(run.run_dir, outcome)
             outcomes.append(outcome)
-        return write_outputs(run, outcomes, progress=progress)
+        return write_outputs(run, sorted(outcomes, key=lambda o: o.repeat), progress=progress)
+    except KeyboardInterrupt:
+        if score_test:
+            console.print(f"[yellow]interrupted in repeat {len(outcomes) + 1}/{total}: {len(outcomes)} finished "
+                          f"repeat(s) kept in {run.run_dir}; continue with: {resume_command(run)}[/]")
+        raise
     finally:
         run.lock.release()
+

@@ -15,8 +15,10 @@ chance references, and the warnings a reviewer would raise.
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import math
+import shlex
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +41,7 @@ from .metrics import aggregate_runs, official_block
 from .model_card import write_model_card
 from .models.classifier import Classifier
 from .progress import console, environment_facts
+from .provenance import Provenance
 from .recipes import selection_label
 
 if TYPE_CHECKING:  # the loop's records; only their attributes are used here
@@ -70,7 +73,10 @@ class EpochsLog:
         self.rows: list[dict[str, Any]] = []
 
     def append(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
+        self.extend([row])
+
+    def extend(self, rows: Sequence[dict[str, Any]]) -> None:
+        self.rows.extend(rows)
         atomic_write_csv(self.path, pd.DataFrame(self.rows))
 
 
@@ -116,6 +122,16 @@ def predictions_frame(outcomes: Sequence[RepeatOutcome], splits: dict[str, list[
 
 
 # ---------------------------------------------------------------------------- classifier files
+def shippable_recipe(recipe: Any, provenance: Provenance) -> Any:
+    """The resolved recipe as recipe.toml and classifier files carry it: no run folder (a re-run picks its
+    own), and in clean provenance no path at all (the cache folder falls back to the default)."""
+    out = copy.deepcopy(recipe)
+    out.run.out = ""
+    if provenance.mode == "clean":
+        out.data.cache_dir = ""
+    return out
+
+
 def segment_rule(recipe: Any) -> dict[str, Any]:
     """How a recording becomes model input: segment length, padding, chunked or adjusted positions."""
     return {"seconds": recipe.data.cycle_seconds, "pad": recipe.data.pad,
@@ -131,7 +147,9 @@ def classifier_meta(run: "FinetuneRun", outcome: "RepeatOutcome") -> dict[str, A
     if outcome.val_probs is not None and len(prep.labels.get("val", [])):
         point = choose_operating_point(outcome.val_probs.numpy(), prep.labels["val"], prep.normal_class,
                                        target_sensitivity=recipe.run.target_sensitivity)
-    return to_jsonable({
+    prov = run.provenance
+    data = {**td.fingerprint(run.splits), "task": prov.name} if prov.mode == "clean" else td.fingerprint(run.splits)
+    return prov.scrub(to_jsonable({
         "package_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "classes": classes,
@@ -141,19 +159,21 @@ def classifier_meta(run: "FinetuneRun", outcome: "RepeatOutcome") -> dict[str, A
         "frontend": asdict(run.frontend),
         "segment": segment_rule(recipe),
         "vit_config": to_dict(encoder.config),
-        "recipe": to_dict(recipe),
+        "recipe": to_dict(shippable_recipe(recipe, prov)),
         "operating_point": point,
-        "data": td.fingerprint(run.splits),
+        "data": data,
         "audio_profile": profile_of(run.splits["train"], prep.lms["train"], run.frontend.frames_per_second),
         "scores": {"val": _named_metrics(outcome.val, classes), "test": _named_metrics(outcome.test, classes)},
         "repeat": outcome.repeat,
         "seed": outcome.seed,
         "selected_epoch": outcome.selected_epoch,
         "selection": selection_label(recipe.run.selection),
-        "task": td.name,
-        "base_checkpoint": str(run.checkpoint),
-        "command": run.command,
-    })
+        "task": prov.name,
+        "task_kind": prov.task_kind,
+        "base_checkpoint": prov.checkpoint,
+        "command": prov.command,
+        "provenance": prov.mode,
+    }))
 
 
 def save_repeat_classifier(run: "FinetuneRun", outcome: "RepeatOutcome", model: Classifier) -> Path:
@@ -161,6 +181,58 @@ def save_repeat_classifier(run: "FinetuneRun", outcome: "RepeatOutcome", model: 
     folder = run.run_dir / CLASSIFIERS_DIR / classifier_folder_name(run.prepared.encoder.config)
     return save_classifier(model, classifier_meta(run, outcome), folder / f"repeat-{outcome.repeat}.pt",
                            epoch=outcome.selected_epoch)
+
+
+REPEATS_DIR = "repeats"
+
+
+def save_repeat_record(run_dir: Path, outcome: "RepeatOutcome") -> Path:
+    """`repeats/repeat-<k>.json`: what a finished repeat produced (scores, epochs, selected probabilities),
+    so a resumed run keeps it instead of training it again. No item names: probabilities are in split order."""
+    record = {
+        "repeat": outcome.repeat, "seed": outcome.seed, "selected_epoch": outcome.selected_epoch,
+        "val": outcome.val, "test": outcome.test, "epochs": outcome.epochs,
+        "val_probs": None if outcome.val_probs is None else outcome.val_probs.double().tolist(),
+        "test_probs": None if outcome.test_probs is None else outcome.test_probs.double().tolist(),
+        "classifier": str(outcome.classifier.relative_to(run_dir)) if outcome.classifier else None,
+    }
+    return atomic_write_json(run_dir / REPEATS_DIR / f"repeat-{outcome.repeat}.json", to_jsonable(record))
+
+
+def finished_repeats(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """The records `save_repeat_record` left in a run folder, by repeat (damaged ones are trained again)."""
+    import json
+
+    out = {}
+    for path in sorted((run_dir / REPEATS_DIR).glob("repeat-*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if record.get("classifier") and not (run_dir / record["classifier"]).is_file():
+            continue
+        out[int(record["repeat"])] = record
+    return out
+
+
+def resume_command(run: "FinetuneRun") -> str:
+    """The command that continues an interrupted run (for the user's console, so with its real paths)."""
+    return shlex.join(["m2dx", "finetune", "--resume", str(run.run_dir), "--task", run.task, "--data", str(run.data),
+                       "--checkpoint", str(run.checkpoint)])
+
+
+def outcome_fields(record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """A finished repeat's record as the fields of the `RepeatOutcome` the loop would have returned."""
+    import torch
+
+    def probs(key: str) -> Any:
+        return None if record.get(key) is None else torch.tensor(record[key], dtype=torch.float64).float()
+
+    return {"repeat": int(record["repeat"]), "seed": int(record["seed"]),
+            "selected_epoch": int(record["selected_epoch"]), "val": record.get("val"), "test": record.get("test"),
+            "epochs": list(record.get("epochs") or []), "val_probs": probs("val_probs"),
+            "test_probs": probs("test_probs"), "best_state": None,
+            "classifier": run_dir / record["classifier"] if record.get("classifier") else None}
 
 
 def _selected_repeat(outcomes: Sequence["RepeatOutcome"], selection: str) -> int:
@@ -215,7 +287,9 @@ def evaluate_run(run: "FinetuneRun", outcomes: Sequence["RepeatOutcome"]) -> dic
         splits={s: (p, np.asarray(labels[s])) for s, p in probs.items()},
         model_val_score=summary_value((model.get("val") or {}).get("values"), "score"),
         baseline_val_score=summary_value(((baseline or {}).get("val") or {}).get("values"), "score"),
-        chance=chance, test_score=summary_value((model.get("test") or {}).get("values"), "score"))
+        chance=chance, test_score=summary_value((model.get("test") or {}).get("values"), "score"),
+        baseline_test_score=summary_value(((baseline or {}).get("test") or {}).get("values"), "score"),
+        test_operating=(model.get("test") or {}).get("values") if (model.get("operating_point") or None) else None)
     return {"ensemble": model, "baseline": baseline, "chance": chance, "chance_split": eval_split,
             "warnings": warnings, "_probs": probs, "_baseline_probs": fitted["probs"] if baseline else None}
 
@@ -323,6 +397,7 @@ def write_outputs(run: "FinetuneRun", outcomes: Sequence["RepeatOutcome"], *, pr
         "inputs": run.inputs,
         "package_version": __version__,
         "command": run.command,
+        "provenance": run.provenance.as_dict(),
         "environment": environment_facts(),
         "metrics_note": "fractions in [0, 1]; recompute from predictions.csv (pred_index vs true_index per repeat and "
                         "split; the ensemble is the mean of the repeats' probabilities)",

@@ -1,9 +1,10 @@
 """MODEL_CARD.md and model_card.html of a fine-tuning run: what the classifier is, and what it is not.
 
 Written by every `m2dx finetune` (not by tuning trials) from the run's own metrics.json, so the card
-never says anything the numbers do not. Sections: intended use and what it is not, the data, the
-protocol, results next to the baseline and chance with 95 % CIs, warnings, limits, and how to
-reproduce the run exactly.
+never says anything the numbers do not. It reads top-down for a clinician: the verdict in words (next
+to the baseline and chance), a glossary, then intended use and what it is not, the data, the
+protocol, results with 95 % CIs, warnings, limits, and how to reproduce the run exactly. It is a
+shipped file: it names data and checkpoints as `provenance` allows.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .data.segments import Segment
 from .data.task_data import TaskData
 from .document import Document, Table
 from .fileio import atomic_write_text
+from .provenance import INTERNAL_RECORDS, scrub
 
 MODEL_CARD_MD = "MODEL_CARD.md"
 MODEL_CARD_HTML = "model_card.html"
@@ -47,45 +49,127 @@ def _with_ci(block: dict[str, Any] | None, key: str) -> str:
 
 def _devices(items: list[Segment]) -> str:
     """ICBHI names carry the recording device as their last field; other corpora do not record it."""
-    names = [it.recording for it in items if it.recording.count("_") >= 4]
+    names = [Path(it.recording).stem for it in items if it.recording.count("_") >= 4]
     if not names or len(names) < len(items):
         return "not recorded in the data"
     counts = Counter(name.rsplit("_", 1)[-1] for name in names)
     return ", ".join(f"{device} ({n} segments)" for device, n in counts.most_common())
 
 
+GLOSSARY = [
+    ("Se (sensitivity)", "of the abnormal segments, the fraction the model calls abnormal (ICBHI: with the "
+                         "exact abnormal class)."),
+    ("Sp (specificity)", "of the normal segments, the fraction the model calls normal."),
+    ("ICBHI Score", "the mean of Se and Sp; 50 % is what a model that always answers one way reaches."),
+    ("AUROC", "the chance that a random abnormal segment gets a higher P(abnormal) than a random normal one "
+              "(50 % = chance, 100 % = perfect ranking); it does not depend on a threshold."),
+    ("AP (average precision)", "the area under the precision-recall curve; chance is the abnormal fraction."),
+    ("operating point", "the P(abnormal) threshold above which a segment is flagged abnormal, chosen on the "
+                        "validation split (never on the test split)."),
+    ("PPV (positive predictive value)", "of the flagged segments, the fraction that really are abnormal; it "
+                                        "depends on how common abnormal segments are."),
+    ("NPV (negative predictive value)", "of the segments not flagged, the fraction that really are normal."),
+    ("Youden J", "Se + Sp - 1 at a threshold; the default operating point maximises it on validation."),
+    ("95 % CI", "the range the value would likely take on another sample of subjects like these."),
+]
+
+
+def _value(block: dict[str, Any] | None, key: str) -> float | None:
+    try:
+        value = float(((block or {}).get("values") or {}).get(key))
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def verdict(metrics: dict[str, Any], split: str) -> str:
+    """One paragraph in words: the model's Score next to the baseline's and chance's, and what that means."""
+    ensemble, baseline = metrics.get("ensemble") or {}, metrics.get("baseline") or {}
+    chance = [v.get("score") for v in (metrics.get("chance") or {}).values() if isinstance(v, dict)]
+    chance = [float(c) for c in chance if isinstance(c, (int, float)) and math.isfinite(c)]
+    model = _value(ensemble.get(split), "score")
+    base = _value(baseline.get(split), "score")
+    level = max(chance) if chance else None
+    if model is None:
+        return f"No {split} Score could be computed: see the warnings below."
+    where = "on the test split, scored once after the model was chosen" if split == "test" else \
+        "on the validation split (no test split was scored), which also chose the model: optimistic"
+    ci = ((ensemble.get(split) or {}).get("ci95") or {}).get("score")
+    interval = (f" (95 % CI {_pct(ci[0])}-{_pct(ci[1])})"
+                if ci and all(isinstance(v, (int, float)) and math.isfinite(v) for v in ci) else "")
+    text = f"ICBHI Score {_pct(model)} %{interval} {where}"
+    parts = []
+    if base is not None:
+        parts.append(f"the simple log-mel baseline reaches {_pct(base)} %")
+    if level is not None:
+        parts.append(f"chance {_pct(level)} %")
+    if parts:
+        text += "; " + " and ".join(parts)
+    text += ". "
+    if level is not None and model <= level + 1e-12:
+        text += "Verdict: NOT USEFUL: the model is no better than chance on this data."
+    elif base is not None and model < base:
+        text += "Verdict: NOT BETTER THAN THE BASELINE: a much simpler model does at least as well; do not use it."
+    elif base is not None:
+        text += "Verdict: better than the baseline and chance on this split; read the limits before relying on it."
+    else:
+        text += "Verdict: better than chance on this split; no baseline was fitted to compare against."
+    auroc = _value(ensemble.get(split), "auroc_abnormal")
+    if auroc is not None:
+        text += f" Its AUROC (abnormal vs normal) is {_pct(auroc)} % (chance 50 %)."
+    return text
+
+
 def build_model_card(metrics: dict[str, Any], task_data: TaskData, splits: dict[str, list[Segment]],
                      images: list[str]) -> Document:
-    """The card as a Document (rendered to Markdown and HTML by the caller)."""
+    """The card as a Document (rendered to Markdown and HTML by the caller).
+
+    Read top-down: the verdict in words, the glossary, then intended use, data, protocol, results,
+    warnings, limits and how to reproduce. Everything it names passes the run's provenance rule
+    (`metrics["provenance"]`): no paths, recording names or subject ids in the default clean mode.
+    """
     classes, normal = metrics["classes"], metrics["normal_class"]
     split = "test" if metrics.get("test_scored") and (metrics.get("ensemble") or {}).get("test") else "val"
     ensemble, baseline = metrics.get("ensemble") or {}, metrics.get("baseline") or {}
     chance = metrics.get("chance") or {}
+    prov = metrics.get("provenance") or {}
+    shipped = (lambda v: v) if prov.get("mode") == "full" else scrub
     info = inspect_task(task_data)
     fp = metrics.get("data_fingerprint") or {}
-    doc = Document(f"Model card: {metrics['task']} classifier ({', '.join(classes)})")
+    items, subjects = fp.get("items") or {}, fp.get("subjects") or {}
+    name = prov.get("name") or metrics["task"]
+    doc = Document(f"Model card: {name} ({', '.join(classes)})")
+
+    doc.heading("Verdict")
+    doc.paragraph(verdict(metrics, split))
+    doc.paragraph(f"It sorts fixed-length segments of body-sound recordings into {len(classes)} classes "
+                  f"({', '.join(classes)}; '{normal}' is the normal class). It is NOT a diagnostic device.")
+
+    doc.heading("Glossary")
+    doc.definitions(GLOSSARY)
 
     doc.heading("Intended use")
-    doc.paragraph(f"Research and development of body-sound classifiers: this model sorts fixed-length segments "
-                  f"of recordings into {len(classes)} classes ({', '.join(classes)}; '{normal}' is the normal "
-                  "class). It is a tool for building and evaluating classifiers on a team's own data.")
+    doc.paragraph("Research and development of body-sound classifiers: a tool for building and evaluating "
+                  "classifiers on a team's own data.")
     doc.paragraph("It is NOT a diagnostic device. It has not been cleared or approved by any regulator, it must not "
                   "be used to diagnose, triage or treat anyone, and its outputs are probabilities from a model "
-                  f"trained on {sum(fp.get('items', {}).values()) or 'few'} segments, not clinical findings.")
+                  f"trained on {items.get('train', '?')} training segments of {subjects.get('train', '?')} "
+                  "subjects, not clinical findings.")
 
     doc.heading("The data")
     counts = fp.get("counts") or {}
-    header = ["split", *classes, "items", "subjects"]
-    rows = [[name, *[str(counts[name].get(c, 0)) for c in classes], str(fp["items"][name]),
-             str(fp["subjects"][name])] for name in ("train", "val", "test") if name in counts]
+    header = ["split", *classes, "segments", "subjects"]
+    rows = [[name_, *[str(counts[name_].get(c, 0)) for c in classes], str(items[name_]),
+             str(subjects[name_])] for name_ in ("train", "val", "test") if name_ in counts]
     doc.table(Table(header, rows))
     durations = info.get("durations_s") or {}
     rates = ", ".join(f"{rate} Hz ({n} files)" for rate, n in (info.get("sample_rates") or {}).items()) or "unknown"
     doc.bullets([
-        f"task: {metrics['task']}, from {metrics['data']}; "
+        f"task: {prov.get('task_kind', metrics['task'])}, data: {prov.get('data') or shipped(metrics['data'])}; "
         + ("the published official split" if task_data.official_split else "a subject-disjoint split"),
-        f"recordings: {info.get('recordings')}, subjects: {info.get('subjects')}",
-        f"sample rates: {rates}; recording devices: {_devices([it for items in splits.values() for it in items])}",
+        f"the whole data set: {info.get('recordings')} recordings of {info.get('subjects')} subjects "
+        "(the table counts the segments this run used)",
+        f"sample rates: {rates}; recording devices: {_devices([it for items_ in splits.values() for it in items_])}",
         f"segment durations before fitting: mean {durations.get('mean')} s, min {durations.get('min')} s, "
         f"max {durations.get('max')} s",
         f"data fingerprint (sha256 of the items used): {fp.get('sha256', '-')}",
@@ -95,14 +179,15 @@ def build_model_card(metrics: dict[str, Any], task_data: TaskData, splits: dict[
     segment = metrics.get("segment") or {}
     doc.bullets([
         f"model selection: {metrics['selection']}",
-        f"repeats: {metrics['repeats']} (different seeds; results below average their probabilities)",
+        f"repeats: {metrics['repeats']} (different seeds; results below average their probabilities, and "
+        "`m2dx predict` and `m2dx export` of the run folder use the same average)",
         "validation carved subject-disjointly from the training split; the test split is scored once"
         if metrics.get("selection_mode") != "test-best" else
         "the epoch was chosen on the TEST split (literature protocol): the test scores are optimistic",
-        *(f"{w}" for w in task_data.warnings if "subject" in w),
+        *(shipped(w) for w in task_data.warnings if "subject" in w),
         f"each segment cut or padded to {segment.get('seconds', '?')} s ({segment.get('pad', '?')} padding, "
         f"{segment.get('positions', '?')} positions)",
-        f"base checkpoint: {metrics['checkpoint']}",
+        f"base checkpoint: {prov.get('checkpoint') or shipped(str(metrics['checkpoint']))}",
     ])
 
     doc.heading(f"Results ({split} split)")
@@ -112,15 +197,15 @@ def build_model_card(metrics: dict[str, Any], task_data: TaskData, splits: dict[
                   "statistics + logistic regression fitted on the same segments; chance is always answering "
                   "'normal' or guessing with the training class frequencies.")
     table_rows = []
-    for name, key in _ROWS:
-        table_rows.append([name, _with_ci(ensemble.get(split), key), _with_ci(baseline.get(split), key),
+    for row_name, key in _ROWS:
+        table_rows.append([row_name, _with_ci(ensemble.get(split), key), _with_ci(baseline.get(split), key),
                            _pct((chance.get("always_normal") or {}).get(key)),
                            _pct((chance.get("class_prior") or {}).get(key))])
     doc.table(Table(["metric", "model", "baseline", "always normal", "class prior"], table_rows))
     if point:
         doc.paragraph(f"Operating point: flag a segment abnormal when P(abnormal) >= {point['threshold']:.4f} "
                       f"({point['method']}; validation Se {_pct(point['val_sensitivity'])}, "
-                      f"Sp {_pct(point['val_specificity'])}). `m2dx predict` applies it.")
+                      f"Sp {_pct(point['val_specificity'])}). `m2dx predict` and the exports apply it.")
     else:
         doc.paragraph("No operating point: the validation split lacks normal or abnormal items; `m2dx predict` "
                       "flags a segment abnormal when its most probable class is not the normal class.")
@@ -136,14 +221,14 @@ def build_model_card(metrics: dict[str, Any], task_data: TaskData, splits: dict[
 
     doc.heading("Warnings")
     if metrics.get("warnings"):
-        doc.warnings(metrics["warnings"])
+        doc.warnings([shipped(w) for w in metrics["warnings"]])
     else:
         doc.paragraph("None.")
 
     doc.heading("Limits")
     doc.bullets([
-        f"Trained on {fp.get('items', {}).get('train', '?')} segments of {fp.get('subjects', {}).get('train', '?')} "
-        "subjects: performance on other devices, sites, populations or recording protocols is unknown.",
+        f"Trained on {items.get('train', '?')} segments of {subjects.get('train', '?')} subjects: performance on "
+        "other devices, sites, populations or recording protocols is unknown.",
         "The confidence intervals reflect which subjects were sampled, not a shift in population or equipment.",
         "Segments are fixed-length windows or annotated cycles; on unannotated audio `m2dx predict` uses sliding "
         "windows, which the model was not scored on.",
@@ -151,10 +236,15 @@ def build_model_card(metrics: dict[str, Any], task_data: TaskData, splits: dict[
     ])
 
     doc.heading("Reproduce")
-    doc.bullets([f"command: {metrics.get('command', '')}", "recipe: recipe.toml in this folder (pass it with --recipe)",
-                 f"package: m2dx_clinic {metrics.get('package_version')}",
-                 f"data fingerprint: {fp.get('sha256', '-')}",
-                 f"classifier files: {', '.join((metrics.get('classifiers') or {}).get('files', [])) or '-'}"])
+    command = prov.get("command") or shipped(metrics.get("command", ""))
+    bullets = [f"command: `{command}`"]
+    bullets += [f"{key}: {meaning}" for key, meaning in (prov.get("placeholders") or {}).items()]
+    bullets += [f"package: m2dx_clinic {metrics.get('package_version')}",
+                f"data fingerprint: {fp.get('sha256', '-')}",
+                f"classifier files: {', '.join((metrics.get('classifiers') or {}).get('files', [])) or '-'}",
+                f"internal records ({', '.join(INTERNAL_RECORDS)}) name recordings and subjects so every number "
+                "can be recomputed: they stay inside the team and are not part of what is handed on"]
+    doc.bullets(bullets)
     return doc
 
 

@@ -67,7 +67,7 @@ from .objectives import (
     random_masking,
 )
 from .progress import MetricLogger, console, environment_facts, make_progress
-from .recipes import ModelSection, PretrainRecipe, validate_pretrain_recipe
+from .recipes import ModelSection, PretrainRecipe, pretrain_notes, validate_pretrain_recipe
 from .rundir import RunLock, default_run_dir, hold, remove_stale_temp_files
 from .runtime import (
     LateReader,
@@ -142,12 +142,21 @@ def prepare_data(recipe: PretrainRecipe, frontend: FrontEndConfig, crop_frames: 
     return TrainingData(dataset, noise, float(norm_stats[0]), float(norm_stats[1]), len(lms_list), names)
 
 
-def record_geometry(m: ModelSection, model: M2D) -> None:
-    """Write the trained model's geometry into the recipe's [model] table (a base checkpoint decides it)."""
+def record_geometry(m: ModelSection, model: M2D) -> list[str]:
+    """Write the trained model's geometry into the recipe's [model] table (a base checkpoint decides it);
+    returns a note when that differs from what the recipe asked for, so a checkpoint of another size is not
+    adopted silently."""
     c, pc = model.config, model.predictor_config
+    asked = (tuple(m.input_size), tuple(m.patch_size), m.embed_dim, m.depth, m.num_heads)
+    got = (tuple(c.input_size), tuple(c.patch_size), c.embed_dim, c.depth, c.num_heads)
     m.input_size, m.patch_size = tuple(c.input_size), tuple(c.patch_size)
     m.embed_dim, m.depth, m.num_heads, m.mlp_ratio, m.sample_rate = c.embed_dim, c.depth, c.num_heads, c.mlp_ratio, c.sample_rate
     m.predictor_dim, m.predictor_depth, m.predictor_heads = pc.dim, pc.depth, pc.num_heads
+    if asked == got:
+        return []
+    describe = lambda g: f"{g[2]}-d x {g[3]} blocks, {g[4]} heads, input {g[0][0]}x{g[0][1]}, patch {g[1][0]}x{g[1][1]}"  # noqa: E731
+    return [f"the base checkpoint is a {describe(got)} model but the recipe asked for {describe(asked)}: training the "
+            "checkpoint's geometry (recipe.toml records it; pick a recipe of the checkpoint's size to silence this)"]
 
 
 def scratch_vit_config(m: ModelSection) -> ViTConfig:
@@ -247,13 +256,14 @@ class Pretrainer:
             self.model = M2D(vit, scratch_predictor_config(recipe.model), offline_dim=offline_dim)
             self.notes = ["trained from scratch (no base checkpoint)"]
         self.model.norm_stats.copy_(torch.tensor([self.data.mean, self.data.std]))
-        record_geometry(recipe.model, self.model)  # recipe.toml states what is trained, not what was asked
+        self.notes += record_geometry(recipe.model, self.model)  # recipe.toml states what is trained, not what was asked
         if recipe.objective.offline_task == "teacher" and teacher is None:
             teacher, saved = freeze_initial_encoder(self.model, run_dir)
             recipe.objective.teacher = str(saved)
             self.notes.append(f"no base checkpoint: the teacher is the frozen initial encoder ({saved})")
         self.notes += use_fast_cpu_kernels([self.model, teacher], self.device, self.amp_dtype)
         self.notes += keep_freed_cpu_memory(self.device)
+        self.notes += pretrain_notes(recipe)
         if teacher is not None and self.amp_dtype == torch.bfloat16:
             teacher.to(torch.bfloat16)  # frozen: cast once, not at every step (autocast would cast its weights anew)
         self.task = build_offline_task(recipe, self.data.label_names, teacher, self.device)
@@ -635,6 +645,10 @@ def resume_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (),
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.toml").is_file():
         raise ConfigError(f"{run_dir}: no recipe.toml here; pass the run directory that further-pretrain created")
+    fixed = [o for o in overrides if o.split("=", 1)[0].strip().startswith(("model.", "base"))]
+    if fixed:  # the run's checkpoints decide the geometry and the base: an override would be silently ignored
+        raise ConfigError(f"{run_dir}: --resume continues the model the run's checkpoints hold; drop "
+                          f"{', '.join(fixed)} (or start a new run with it)")
     lock = _hold_if_main(run_dir, command)
     try:
         recipe = load_recipe(PretrainRecipe, run_dir / "recipe.toml", overrides)
@@ -642,6 +656,9 @@ def resume_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (),
         if point is None:
             console.print(f"[yellow]{run_dir}: no checkpoint yet; starting the run from the beginning[/]")
         trainer = Pretrainer(recipe, run_dir, resume_from=point, on_save=on_save)
+        if trainer.ddp.is_main and overrides:  # recipe.toml states what the resumed run trains (e.g. --epochs)
+            save_resolved(recipe, run_dir / "recipe.toml",
+                          header=f"resolved recipe of run {run_dir.name}; resumed with {' '.join(overrides)}")
         if trainer.ddp.is_main and point is not None:
             console.print(f"resuming {run_dir} from {point} (epoch {trainer.epoch}, step {trainer.opt_step})")
         return trainer.train(progress)

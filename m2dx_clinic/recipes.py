@@ -112,6 +112,15 @@ class PretrainRecipe:
     run: RunSection = field(default_factory=RunSection)
 
 
+def pretrain_notes(recipe: PretrainRecipe) -> list[str]:
+    """What a user should know about a valid pre-training recipe before it runs."""
+    if not recipe.data.noise and recipe.data.noise_ratio > 0:
+        return [f"no background noise (data.noise is empty), so this run trains WITHOUT the denoising task although "
+                f"data.noise_ratio = {recipe.data.noise_ratio:g}; pass --noise fsd50k (or a folder), or --noise none "
+                "to train without it on purpose"]
+    return []
+
+
 def validate_pretrain_recipe(recipe: PretrainRecipe) -> None:
     """Reject bad combinations before any work starts."""
     o, r = recipe.optim, recipe.run
@@ -188,6 +197,10 @@ class FtRunSection:
     bootstrap: int = 1000  # resamples over subjects for the 95% CIs of the clinical metrics (0 = none)
     baseline: bool = True  # fit the log-mel statistics + logistic regression baseline on the same segments
     deterministic: bool = False  # deterministic GPU kernels (slower); CPU runs are reproducible without it
+    # what shipped files (classifier files, exports, the model card) say about where the run came from:
+    # clean = no absolute paths, user or host names, recording names or subject ids; full = paths too
+    provenance: Literal["clean", "full"] = "clean"
+    model_name: str = ""  # the classifier's name on its card (default: the task kind + a data fingerprint)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import re
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 from ._version import __version__
 from .errors import ConfigError
@@ -46,7 +47,8 @@ class RunLock:
 
     `fcntl.flock` is released by the operating system when the holder exits in any way (including
     kill -9), so a crashed run never leaves the folder locked and `--resume` simply takes it. The
-    file also says who holds it (pid, host, start time, command) for the message a second writer gets.
+    file also says who holds it (pid, host, start time, command) for the message a second writer gets;
+    it is removed when the (last) holder releases it, so a finished run carries no host name or pid.
     """
 
     def __init__(self, folder: str | Path, command: str):
@@ -61,14 +63,18 @@ class RunLock:
 
         self._created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(handle.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            handle.seek(0)
-            holder = _describe_holder(handle.read())
-            handle.close()
-            raise ConfigError(f"{self.folder}: in use by {holder}; wait for it to finish, or pick another --out") from None
+        while True:
+            handle = open(self.path, "a+", encoding="utf-8")
+            try:
+                fcntl.flock(handle.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                handle.seek(0)
+                holder = _describe_holder(handle.read())
+                handle.close()
+                raise ConfigError(f"{self.folder}: in use by {holder}; wait for it to finish, or pick another --out") from None
+            if _same_file(handle, self.path):
+                break
+            handle.close()  # the previous holder removed the file between our open and our lock: take the new one
         if not shared:  # a shared holder leaves the file alone: other holders are named in it
             handle.seek(0)
             handle.truncate()
@@ -79,13 +85,20 @@ class RunLock:
         return self
 
     def release(self) -> None:
-        """Unlock; a folder this lock created and nothing else was written to disappears again."""
+        """Unlock and remove the lock file (it names the host and pid), unless other holders still share it;
+        a folder this lock created and nothing else was written to disappears again."""
         if self._file is not None:
             import fcntl
 
-            if self._created and [p.name for p in self.folder.iterdir()] == [LOCK_NAME]:
-                self.path.unlink(missing_ok=True)  # a command that failed before writing anything leaves nothing
-                self.folder.rmdir()
+            try:  # the last holder (no other shared holder left) removes the file
+                fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                last = True
+            except BlockingIOError:
+                last = False
+            if last and _same_file(self._file, self.path):
+                self.path.unlink(missing_ok=True)
+                if self._created and not any(self.folder.iterdir()):
+                    self.folder.rmdir()  # a command that failed before writing anything leaves nothing
             fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
             self._file.close()
             self._file = None
@@ -95,6 +108,14 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _same_file(handle: Any, path: Path) -> bool:
+    """Whether the open `handle` is still the file at `path` (not one removed and created anew)."""
+    try:
+        return os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _describe_holder(text: str) -> str:

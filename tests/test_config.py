@@ -153,3 +153,16 @@ def test_every_shipped_recipe_validates(recipe):
     else:
         loaded = load_recipe(PretrainRecipe, path)
         assert loaded.name == path.stem
+
+
+def test_recipes_are_listed_with_the_command_that_reads_them():
+    from m2dx_clinic.config import RECIPES_DIR, list_recipes, load_recipe
+    from m2dx_clinic.recipes import FinetuneRecipe, PretrainRecipe
+
+    rows = list_recipes()
+    assert [r["name"] for r in rows] == sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+    kinds = {"m2dx finetune": FinetuneRecipe, "m2dx further-pretrain": PretrainRecipe, "m2dx pretrain": PretrainRecipe}
+    for row in rows:
+        assert row["about"], row["name"]
+        if row["command"] in kinds:  # each loads as the recipe its command reads
+            load_recipe(kinds[row["command"]], row["name"])

@@ -270,3 +270,15 @@ def test_download_icbhi_layout(http_server: LocalServer, tmp_path: Path):
 def test_unknown_dataset(tmp_path: Path):
     with pytest.raises(DataError, match="icbhi, fsd50k, esc50"):
         data_dl.download_dataset("audioset", tmp_path)
+
+
+def test_no_network_is_worded_as_no_network(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: connection refused, like a machine offline
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(DownloadError) as err:
+        dl.download_file(f"http://127.0.0.1:{port}/w.zip", tmp_path / "w.zip", retries=0, progress=False)
+    text = str(err.value)
+    assert "could not reach 127.0.0.1" in text and "network connection" in text and "resume" not in text

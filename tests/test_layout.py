@@ -93,7 +93,7 @@ def test_only_the_cli_and_the_journeys_import_training_loops():
 
 LAYERS = [  # docs/ARCHITECTURE.md: each layer imports only from the layers above it
     ("_version",),
-    ("errors", "fileio", "config", "recipes", "runtime", "rundir", "progress", "document", "fetch"),
+    ("errors", "fileio", "config", "recipes", "runtime", "rundir", "progress", "document", "fetch", "provenance"),
     ("audio",),
     ("data", "demo_data"),
     ("models", "objectives", "augment", "metrics", "evaluation"),

@@ -545,3 +545,43 @@ def test_kill_9_during_a_background_write_resumes_from_the_last_complete_save(tm
         assert torch.equal(value, b.state[key]), key
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == sorted(steps)  # the rows of epochs 3-4 the killed process logged were dropped
+
+
+def test_resume_refuses_model_overrides_and_records_the_new_epochs(tmp_path, monkeypatch):
+    import types
+
+    from m2dx_clinic import pretrain
+    from m2dx_clinic.config import save_resolved
+    from m2dx_clinic.recipes import pretrain_notes
+
+    run = tmp_path / "run"
+    recipe = load_recipe(PretrainRecipe, "tiny_cpu", ["optim.epochs=1"])
+    save_resolved(recipe, run / "recipe.toml")
+    with pytest.raises(ConfigError, match=r"drop model\.embed_dim=64"):
+        resume_run(run, ["model.embed_dim=64"], progress=False)
+
+    class NoTraining:  # stands in for the trainer: this test is about the recipe, not the loop
+        def __init__(self, recipe, run_dir, **kwargs):
+            self.ddp = types.SimpleNamespace(is_main=True)
+
+        def train(self, progress):
+            return run
+
+    monkeypatch.setattr(pretrain, "Pretrainer", NoTraining)
+    resume_run(run, ["optim.epochs=2"], progress=False)
+    assert load_recipe(PretrainRecipe, run / "recipe.toml").optim.epochs == 2
+    # a recipe with a noise ratio but no noise says so before training
+    assert pretrain_notes(load_recipe(PretrainRecipe, "tiny_cpu", ["data.noise=''"]))[0].startswith("no background noise")
+    assert pretrain_notes(load_recipe(PretrainRecipe, "tiny_cpu", ["data.noise=''", "data.noise_ratio=0"])) == []
+
+
+def test_a_checkpoint_of_another_size_is_noted_not_adopted_silently():
+    from m2dx_clinic.pretrain import record_geometry
+
+    recipe = load_recipe(PretrainRecipe, "tiny_cpu")
+    asked = recipe.model.embed_dim
+    other = M2D(ViTConfig(embed_dim=32, depth=1, num_heads=2), PredictorConfig(16, 1, 1))
+    notes = record_geometry(recipe.model, other)
+    assert len(notes) == 1 and "32-d x 1 blocks" in notes[0] and f"{asked}-d x" in notes[0]
+    assert recipe.model.embed_dim == 32  # the recipe now states what is trained
+    assert record_geometry(recipe.model, other) == []  # the same geometry again: nothing to say

@@ -230,6 +230,10 @@ def test_resume_continues_the_study_and_writes_outputs(tmp_path, fake):
     assert summary["counts"]["complete"] == second.n_complete and summary["final"] is None
     assert summary["best_params"] == second.best_params
     assert "optim.lr" in (out / "trials.csv").read_text().splitlines()[0]
+    assert "worker" not in (out / "trials.csv").read_text().splitlines()[0]  # no host:pid in a shareable table
+    from m2dx_clinic.config import recipe_for_params
+
+    assert Path(recipe_for_params(None, out / "best.toml")).stem == "tiny_finetune"  # best.toml brings its recipe
     # trial folders are per trial and carried in the recipe every trial was built from
     assert sorted(Path(c["recipe"].run.out).name for c in f.calls) == [f"trial_{i:04d}" for i in range(4)]
 

@@ -22,8 +22,11 @@ def recall_ci_halfwidth(n: int) -> float:
 
 def result_warnings(*, classes: Sequence[str], normal: int, splits: dict[str, tuple[np.ndarray, np.ndarray]],
                     model_val_score: float | None, baseline_val_score: float | None,
-                    chance: dict[str, dict[str, float]] | None, test_score: float | None) -> list[str]:
-    """`splits` maps val / test to (probabilities [N, K], labels [N]) of the model that is reported."""
+                    chance: dict[str, dict[str, float]] | None, test_score: float | None,
+                    baseline_test_score: float | None = None,
+                    test_operating: dict[str, Any] | None = None) -> list[str]:
+    """`splits` maps val / test to (probabilities [N, K], labels [N]) of the model that is reported;
+    `test_operating` is the test block's values at the operating point (op_sensitivity, op_ppv, ...)."""
     out: list[str] = []
     for split, (probs, labels) in splits.items():
         if len(labels) == 0:
@@ -52,6 +55,28 @@ def result_warnings(*, classes: Sequence[str], normal: int, splits: dict[str, tu
         out.append(f"the model's validation Score {100 * model_val_score:.1f}% is below the log-mel statistics + "
                    f"logistic regression baseline's {100 * baseline_val_score:.1f}%: the deep model does not beat "
                    "the simple thing on this data yet")
+    if (test_score is not None and baseline_test_score is not None and math.isfinite(test_score)
+            and math.isfinite(baseline_test_score) and test_score < baseline_test_score):
+        out.append(f"the model's test Score {100 * test_score:.1f}% is below the log-mel statistics + logistic "
+                   f"regression baseline's {100 * baseline_test_score:.1f}%: on unseen subjects the simple thing "
+                   "does better")
+    out.extend(operating_point_warnings(test_operating))
+    return out
+
+
+def operating_point_warnings(values: dict[str, Any] | None) -> list[str]:
+    """An operating point that never fires on the test split, or whose PPV cannot be measured there."""
+    if not values:
+        return []
+    se, ppv = summary_value(values, "op_sensitivity"), summary_value(values, "op_ppv")
+    out = []
+    if se == 0.0:
+        out.append("at the operating point chosen on validation the model flags NO abnormal test segment "
+                   "(test sensitivity 0): the threshold does not carry over; choose it on more validation "
+                   "subjects or set run.target_sensitivity")
+    elif ppv is None and "op_ppv" in values:
+        out.append("at the operating point no test segment is flagged abnormal, so the PPV is undefined: "
+                   "the threshold is above every test P(abnormal)")
     return out
 
 

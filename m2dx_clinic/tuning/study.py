@@ -29,7 +29,7 @@ from typing import Any
 
 import optuna
 
-from ..config import dump_toml, load_recipe, to_overrides
+from ..config import PARAMS_RECIPE_KEY, dump_toml, load_recipe, to_overrides
 from ..evaluation.checks import warn_identical
 from ..data.task_data import TaskData
 from ..data.tasks import load_task
@@ -500,14 +500,18 @@ def finish_search(job: TuneJob, study: optuna.Study) -> TuneResult:
     best = best_trial(study)
     notes: list[str] = []
     # trials.csv first: it is the record that explains a search where nothing completed
-    atomic_write_csv(out_dir / "trials.csv", study.trials_dataframe(), float_format=None)
+    # host:pid of each trial's worker stays in the study database (internal), out of the shareable table
+    atomic_write_csv(out_dir / "trials.csv", study.trials_dataframe().drop(columns=["user_attrs_worker"], errors="ignore"),
+                     float_format=None)
 
     result = _result_of(job, study)
     if best is not None:
         header = (f"best parameters of study {job.study_name!r} (trial {best.number}, validation {settings.metric} "
                   f"{metric_text(settings.metric, best.value)})\nfine-tune recipe: {settings.finetune_recipe}\n"
-                  f"use: m2dx finetune --recipe {Path(str(settings.finetune_recipe)).stem} --params best.toml")
-        atomic_write_text(out_dir / "best.toml", dump_toml(params_to_tables(best.params, job.overrides), header))
+                  "use: m2dx finetune --params best.toml ... (it brings its recipe; a different --recipe is refused)")
+        tables = {"about": {PARAMS_RECIPE_KEY: str(settings.finetune_recipe)},
+                  **params_to_tables(best.params, job.overrides)}
+        atomic_write_text(out_dir / "best.toml", dump_toml(tables, header))
         notes.extend(_save_plots(study, out_dir, settings.min_trials_for_importance))
         complete = [t.value for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
         notes.extend(warn_identical(complete, f"complete trial's validation {settings.metric}",
