@@ -29,7 +29,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -141,9 +141,6 @@ class ShardStore:
     def writer(self, dtype: str = "float32") -> "ShardWriter":
         return ShardWriter(self.root, dtype)
 
-    def total_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.root.glob("shard-*") if p.is_file()) if self.root.is_dir() else 0
-
 
 class _Descriptors:
     """At most `limit` read-only descriptors, least recently used closed first; safe across fork."""
@@ -186,18 +183,21 @@ class _Descriptors:
         return len(self._open)
 
 
+_DESCRIPTORS = _Descriptors()  # one pool per process, shared by every ShardArrays: a hard bound
+
+
 class ShardArrays(Sequence):
     """Cached entries [rows, frames] read on access: `arrays[i]` is a fresh numpy array in the stored dtype.
 
     Holds only the entries' locations (a few numbers each), so it is cheap to keep for 100,000
-    recordings and to hand to loader workers (pickling drops the open descriptors).
+    recordings and to hand to loader workers (pickled, it is just those numbers). Reads go through
+    one pool of descriptors per process, so any number of these hold at most MAX_OPEN_SHARDS.
     """
 
     def __init__(self, shards: list[str], dtypes: list[str], shard_no: np.ndarray, offsets: np.ndarray,
                  rows: np.ndarray, frames: np.ndarray):
         self.shards, self.dtypes = shards, [np.dtype(d) for d in dtypes]
         self.shard_no, self.offsets, self.rows, self.frames = shard_no, offsets, rows, frames
-        self._fds = _Descriptors()
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -219,37 +219,17 @@ class ShardArrays(Sequence):
         """Read entry i into the C-contiguous `out` (its shape and dtype must be the entry's)."""
         if out.shape != self.shape(i) or out.dtype != self.dtype(i) or not out.flags.c_contiguous:
             raise ValueError(f"entry {i} is {self.shape(i)} {self.dtype(i)}, got a buffer {out.shape} {out.dtype}")
-        self._fds.read_into(self.shards[int(self.shard_no[i])], memoryview(out).cast("B"), int(self.offsets[i]))
+        _DESCRIPTORS.read_into(self.shards[int(self.shard_no[i])], memoryview(out).cast("B"), int(self.offsets[i]))
 
-    def total_bytes(self) -> int:
-        sizes = np.array([d.itemsize for d in self.dtypes], dtype=np.int64)
-        return int((self.rows.astype(np.int64) * self.frames * sizes[self.shard_no]).sum()) if len(self) else 0
+    @staticmethod
+    def open_descriptors() -> int:
+        """Cache descriptors this process holds (all ShardArrays share them; at most MAX_OPEN_SHARDS)."""
+        return _DESCRIPTORS.count()
 
-    def subset(self, positions: Iterable[int]) -> "ShardArrays":
-        p = np.asarray(list(positions), dtype=np.int64)
-        return ShardArrays(self.shards, [d.str for d in self.dtypes], self.shard_no[p], self.offsets[p],
-                           self.rows[p], self.frames[p])
-
-    def open_descriptors(self) -> int:
-        return self._fds.count()
-
-    def close(self) -> None:
-        self._fds.close()
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_fds"] = None
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._fds = _Descriptors()
-
-    def __del__(self) -> None:
-        try:
-            self._fds.close()
-        except Exception:
-            pass
+    @staticmethod
+    def close() -> None:
+        """Close this process's cache descriptors (they reopen on the next read)."""
+        _DESCRIPTORS.close()
 
 
 class ShardWriter:
