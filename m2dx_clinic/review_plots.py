@@ -19,6 +19,12 @@ SEGMENT_CMAP = "RdYlGn_r"  # green (normal) -> red (abnormal)
 FIG_WIDTH, DPI = 12.0, 100  # 1200 px: the page's 1100 px column shows it at about 100 %
 
 
+def _levels(logmel: np.ndarray) -> tuple[float, float]:
+    """Colour limits that ignore the log floor of empty bands (audio recorded at a lower rate): 2nd-99.8th percentile."""
+    low, high = np.percentile(logmel, [2, 99.8])
+    return float(low), float(max(high, low + 1e-3))
+
+
 def _hz_axis(ax, centres: np.ndarray, low: float = 0.0) -> None:
     """Label a mel-band axis (band index from `low`) with round frequencies in Hz."""
     bands = np.arange(len(centres))
@@ -52,13 +58,14 @@ def plot_recording(logmel: np.ndarray, centres: np.ndarray, fps: float,
     strip.set_yticks([])
     strip.set_ylabel("segments", rotation=0, ha="right", va="center")
     strip.set_title(title, fontsize=10, loc="left")
+    low, high = _levels(logmel)
     spec.imshow(logmel, origin="lower", aspect="auto", cmap="magma", extent=(0, duration, 0, logmel.shape[0]),
-                interpolation="nearest")
+                interpolation="nearest", vmin=low, vmax=high)
     _hz_axis(spec, centres)
     spec.set_xlim(0, duration)
     spec.set_xlabel("time (s)")
     bar = fig.colorbar(ScalarMappable(norm, cmap), ax=[strip, spec], fraction=0.03, pad=0.01)
-    bar.set_label("segment P(abnormal); black edge: flagged")
+    bar.set_label("P(abnormal) of a segment")
     if threshold is not None:
         bar.ax.axhline(threshold, color="black", lw=1.5)
         bar.ax.text(1.6, threshold, "threshold", transform=bar.ax.get_yaxis_transform(), fontsize=7, va="center")
@@ -75,8 +82,9 @@ def plot_explanation(logmel: np.ndarray, centres: np.ndarray, fps: float, start:
     frames = logmel.shape[1]
     fig = Figure(figsize=(FIG_WIDTH, 3.8), layout="constrained")
     ax = fig.subplots()
+    low, high = _levels(logmel)
     ax.imshow(logmel, origin="lower", aspect="auto", cmap="gray", extent=(start, start + frames / fps, 0, logmel.shape[0]),
-              interpolation="nearest")
+              interpolation="nearest", vmin=low, vmax=high)
     peak = float(np.abs(drop).max()) or 1e-6
     times = start + frame_edges / fps
     mesh = ax.pcolormesh(times, band_edges, drop, cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -peak, peak), alpha=0.55,
@@ -88,5 +96,5 @@ def plot_explanation(logmel: np.ndarray, centres: np.ndarray, fps: float, start:
     ax.set_xlabel("time in the recording (s)")
     ax.set_title(title, fontsize=10, loc="left")
     bar = fig.colorbar(mesh, ax=ax, fraction=0.03, pad=0.01)
-    bar.set_label("drop in P(abnormal) when hidden\n(red: supports abnormal)")
+    bar.set_label("drop in P(abnormal)\nwhen the patch is hidden")
     return atomic_savefig(fig, path, format="png", dpi=DPI)
