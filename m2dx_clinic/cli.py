@@ -358,7 +358,6 @@ def predict_cmd(
     _console().print(f"[green]wrote[/] {out / 'segments.csv'}, {out / 'recordings.csv'}, {out / 'summary.json'}")
     if html:
         from .review import write_review
-
         _console().print(f"[green]wrote[/] {write_review(out, device=device, batch_size=batch_size)}")
     _exit_if_files_failed(result.failed)
 
@@ -373,15 +372,9 @@ def review_cmd(
     show_paths: bool = typer.Option(False, "--show-paths", help="Show each recording's absolute path, not only its file name."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present) | cpu | cuda | cuda:N"),
 ) -> None:
-    """Write a static review page of predictions: spectrograms, segments, the sound, and where the model looked.
-
-    Example: m2dx review predictions/   (then open predictions/review/index.html)
-    """
+    """A static review page of predictions. Example: m2dx review predictions/ (then open predictions/review/index.html)"""
     from .review import write_review
-
-    index = write_review(pred_dir, model=model, out=out, explain=explain, page_size=page_size,
-                         show_paths=show_paths, device=device)
-    _console().print(f"[green]wrote[/] {index}")
+    _console().print(f"[green]wrote[/] {write_review(pred_dir, model=model, out=out, explain=explain, page_size=page_size, show_paths=show_paths, device=device)}")
 
 
 def _exit_if_files_failed(failed: list[tuple[Path, str]]) -> None:

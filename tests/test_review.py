@@ -4,6 +4,7 @@ renders in a real browser, and a bad prediction folder is one line with exit cod
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 import subprocess
 import sys
@@ -184,8 +185,7 @@ def test_review_of_real_icbhi_recordings_in_chromium(icbhi_dir, tiny_ckpt, tmp_p
     result = predict(clf, files, tmp_path / "pred", progress=False)
     assert result.segments["abnormal"].any() and not result.segments["abnormal"].all()
     index = write_review(tmp_path / "pred", progress=False, device="cpu", explain=2)
-    shot = Path(__file__).resolve().parents[1] / ".cache" / "review_screenshot.png"
-    shot.parent.mkdir(exist_ok=True)
+    shot = Path(os.environ.get("M2DX_SCREENSHOT_DIR", tmp_path)) / "review_1280px.png"  # for a person to look at
     seen = _open_review(index, shot)
     assert not seen["problems"], seen["problems"]
     assert len(seen["images"]) == len(files) + 2 and all(i["loaded"] for i in seen["images"]), seen["images"]
