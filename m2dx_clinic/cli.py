@@ -327,6 +327,7 @@ def predict_cmd(
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present) | cpu | cuda | cuda:N"),
     amp: str = typer.Option("off", "--amp", help="off (fp32) | auto | bf16: mixed precision (GPUs; CPUs with bf16 units)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary and one record per recording as JSON (for scripts)."),
+    html: bool = typer.Option(False, "--html", help="Also write the review page OUT/review/index.html (as m2dx review OUT)."),
 ) -> None:
     """Classify new recordings with a fine-tuned classifier: one row per segment and per recording.
 
@@ -355,7 +356,25 @@ def predict_cmd(
     if s["real_time_factor"]:
         _console().print(f"{s['recordings_per_s']:.2f} recordings/s, {s['real_time_factor']:.0f}x real time on {s['device']}")
     _console().print(f"[green]wrote[/] {out / 'segments.csv'}, {out / 'recordings.csv'}, {out / 'summary.json'}")
+    if html:
+        from .review import write_review
+        _console().print(f"[green]wrote[/] {write_review(out, device=device, batch_size=batch_size)}")
     _exit_if_files_failed(result.failed)
+
+
+@app.command("review")
+def review_cmd(
+    pred_dir: Path = typer.Argument(..., help="A folder m2dx predict wrote (segments.csv, recordings.csv, summary.json)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="The classifier for the explanations (default: the one summary.json names)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for index.html and media/ (default PRED_DIR/review)."),
+    explain: int = typer.Option(5, "--explain", help="Occlusion maps for this many flagged segments, highest P(abnormal) first (0: none)."),
+    page_size: int = typer.Option(100, "--page-size", help="Recordings per HTML page."),
+    show_paths: bool = typer.Option(False, "--show-paths", help="Show each recording's absolute path, not only its file name."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present) | cpu | cuda | cuda:N"),
+) -> None:
+    """A static review page of predictions. Example: m2dx review predictions/ (then open predictions/review/index.html)"""
+    from .review import write_review
+    _console().print(f"[green]wrote[/] {write_review(pred_dir, model=model, out=out, explain=explain, page_size=page_size, show_paths=show_paths, device=device)}")
 
 
 def _exit_if_files_failed(failed: list[tuple[Path, str]]) -> None:
