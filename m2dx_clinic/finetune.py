@@ -32,7 +32,7 @@ from .audio import FrontEndConfig
 from .augment import mixup, spec_augment
 from .config import save_resolved, to_dict
 from .data.corpora import cache_root
-from .data.segment_cache import SegmentArrays, prepare_segments
+from .data.segment_cache import SegmentArrays, on_device_if_small, prepare_segments
 from .data.segments import Segment
 from .data.tasks import load_task
 from .data.task_data import TaskData, resolve_normal_class
@@ -67,21 +67,6 @@ EpochCallback = Callable[[int, dict[str, Any]], None]
 
 
 # ---------------------------------------------------------------------------- splits
-DEVICE_COPY_FRACTION = 0.25  # of the free GPU memory a split may take to skip per-batch host reads
-
-
-def on_device_if_small(arrays: SegmentArrays, device: torch.device) -> SegmentArrays | torch.Tensor:
-    """A split copied onto the GPU when it takes a small part of its free memory; else read per batch.
-
-    On a CPU (or a split too large for the card) batches are read from the segment cache as they
-    are needed, so host memory stays bounded by the batch size whatever the number of recordings.
-    """
-    if device.type != "cuda":
-        return arrays
-    free, _total = torch.cuda.mem_get_info(device)
-    return arrays.to_device(device) if arrays.nbytes <= DEVICE_COPY_FRACTION * free else arrays
-
-
 def _subset(items: list[Segment], limit: int) -> list[Segment]:
     """A fixed, seeded subset (same for every repeat and seed) in the original order; all when limit is 0."""
     if limit <= 0 or len(items) <= limit:

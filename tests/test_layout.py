@@ -98,7 +98,7 @@ LAYERS = [  # docs/ARCHITECTURE.md: each layer imports only from the layers abov
     ("data", "demo_data"),
     ("models", "objectives", "augment", "metrics", "evaluation"),
     ("checkpoint", "weights"),
-    ("pretrain", "finetune", "finetune_outputs", "model_card"),
+    ("pretrain", "pretrain_setup", "finetune", "finetune_outputs", "model_card"),
     ("predict", "export", "embed", "review", "review_plots"),
     ("tuning", "report", "quickstart"),
     ("cli", "__main__", "m2dx_clinic"),  # the package root re-exports load_classifier and predict

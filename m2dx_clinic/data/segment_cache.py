@@ -266,6 +266,21 @@ def _prepare_on_disk(cache_dir: Path, keys: list[str], items: Sequence[Segment],
     return SegmentArrays(source, rows, n_mels, n_frames)
 
 
+DEVICE_COPY_FRACTION = 0.25  # of the free GPU memory a split may take to skip per-batch host reads
+
+
+def on_device_if_small(arrays: SegmentArrays, device: torch.device) -> SegmentArrays | torch.Tensor:
+    """A split copied onto the GPU when it takes a small part of its free memory; else read per batch.
+
+    On a CPU (or a split too large for the card) batches are read from the segment cache as they
+    are needed, so host memory stays bounded by the batch size whatever the number of recordings.
+    """
+    if device.type != "cuda":
+        return arrays
+    free, _total = torch.cuda.mem_get_info(device)
+    return arrays.to_device(device) if arrays.nbytes <= DEVICE_COPY_FRACTION * free else arrays
+
+
 def readable_rows(prepared: SegmentArrays | torch.Tensor) -> torch.Tensor:
     """Boolean mask [N] of the rows that hold a decoded segment (False for skipped, NaN rows)."""
     if isinstance(prepared, SegmentArrays):
