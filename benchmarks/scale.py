@@ -209,7 +209,7 @@ def main() -> None:
     for name in args.steps.split(","):
         cmd = steps[name]
         if name == "finetune":
-            ckpts = sorted(pre_run.rglob("checkpoint-*.pth"))
+            ckpts = sorted(c for c in pre_run.rglob("checkpoint-*.pth") if "teacher" not in c.parts)
             if not ckpts:
                 sys.exit("finetune needs the pretrain step's checkpoint; run --steps pretrain first")
             cmd = [str(ckpts[-1]) if c == "PRETRAINED" else c for c in cmd]
