@@ -18,6 +18,7 @@ writes (metrics, predictions, plots, classifier files) is `finetune_outputs`' jo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from .data.segments import Segment
 from .data.tasks import load_task
 from .data.task_data import TaskData, resolve_normal_class
 from .errors import ConfigError, DataError
+from .fileio import file_identity
 from .finetune_outputs import (REPEATS_DIR, SCORE_KEYS, EpochsLog, FinetuneResult, finished_repeats, save_repeat_classifier,
                                outcome_fields, resume_command, save_repeat_record, shippable_recipe,
                                write_outputs)
@@ -550,12 +552,9 @@ def prepare_run(
 
 def finetune_inputs(recipe: FinetuneRecipe, data_sha256: str, checkpoint: str | Path) -> dict[str, str]:
     """What a fine-tune was made from: the data items, the checkpoint file, the recipe (not its output folder)."""
-    path = Path(str(checkpoint)).expanduser()
-    try:
-        stat = path.stat()
-        ckpt: object = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    except OSError:
-        ckpt = str(checkpoint)  # a published name
+    ident = file_identity(Path(str(checkpoint)))
+    # a published name is its own identity
+    ckpt: object = dataclasses.asdict(ident) if ident else str(checkpoint)
     values = to_dict(recipe)
     values["run"] = {k: v for k, v in values["run"].items() if k not in ("out", "device", "num_workers")}
     values["data"] = {k: v for k, v in values["data"].items() if k != "cache_dir"}  # where, not what

@@ -13,7 +13,6 @@ the new checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import torch
 
 from ..audio import FrontEndConfig
 from ..errors import DataError
-from ..fileio import atomic_save_npy, atomic_write_text
+from ..fileio import atomic_save_npy, atomic_write_text, file_identity, json_sha256
 from ..models.vit import AudioViT
 from ..data.corpora import cache_root
 from ..data.crops import crop_lms
@@ -153,9 +152,8 @@ class HealthCrops:
 
 
 def _crops_key(source: str, num_crops: int, seed: int, width: int, frontend: FrontEndConfig) -> str:
-    payload = json.dumps({"v": _CACHE_VERSION, "source": source, "n": num_crops, "seed": seed, "width": width,
-                          "frontend": dataclasses.asdict(frontend)}, sort_keys=True)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+    return json_sha256({"v": _CACHE_VERSION, "source": source, "n": num_crops, "seed": seed, "width": width,
+                        "frontend": dataclasses.asdict(frontend)})[:16]
 
 
 def health_crops(
@@ -243,11 +241,8 @@ class HealthCache:
 
     @staticmethod
     def file_key(path: Path) -> str | None:
-        try:
-            st = Path(path).stat()
-        except OSError:
-            return None
-        return f"{Path(path).resolve()}|{st.st_mtime_ns}|{st.st_size}"
+        ident = file_identity(path)
+        return None if ident is None else f"{ident.path}|{ident.mtime_ns}|{ident.size}"
 
     def get(self, key: str | None, crops_key: str, base_key: str | None) -> dict[str, Any] | None:
         entry = self.data["entries"].get(key) if key else None
