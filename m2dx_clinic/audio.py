@@ -20,6 +20,7 @@ from .errors import AudioError, one_line
 SAMPLE_RATE = 16000
 LOG_EPS = float(torch.finfo(torch.float32).eps)  # 1.1920929e-07, as in the reference front-end
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
+NO_AUDIO_FILES = "no audio files (.wav/.flac/.ogg/.mp3/.aiff) in this folder or below"
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from .data.tasks import load_task
 from .data.task_data import TaskData, resolve_normal_class
 from .errors import ConfigError, DataError
 from .fileio import file_identity
+from .inference import class_probabilities
 from .finetune_run import FinetuneRun, Prepared, RepeatOutcome
 from .finetune_outputs import (REPEATS_DIR, SCORE_KEYS, EpochsLog, FinetuneResult, finished_repeats, save_repeat_classifier,
                                outcome_fields, resume_command, save_repeat_record, shippable_recipe,
@@ -165,34 +166,6 @@ def backward_batch(
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += per_sample.detach().sum()
     return float(total) / max(n, 1), n
-
-
-@torch.inference_mode()
-def predict(
-    model: Classifier,
-    lms: SegmentArrays | torch.Tensor,
-    *,
-    batch_size: int,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Class probabilities [N, K] (float32, CPU) for raw log-mel [N, n_mels, frames].
-
-    Each sample is normalised on its own with the encoder's fixed statistics, so the result does
-    not depend on `batch_size` or on which other samples share the batch.
-    """
-    was_training = model.training
-    model.eval()
-    probs = []
-    for start in range(0, lms.shape[0], batch_size):
-        x = model.encoder.normalize(lms[start:start + batch_size].to(device, non_blocking=True)).unsqueeze(1)
-        with autocast(device, amp_dtype):
-            logits = model(x)
-        probs.append(F.softmax(logits.float(), dim=-1).cpu())
-    model.train(was_training)
-    if not probs:
-        return torch.zeros(0, model.num_classes)
-    return torch.cat(probs)
 
 
 def evaluate(probs: torch.Tensor, labels: Sequence[int], *, normal_class: int, num_classes: int) -> dict[str, Any]:
@@ -354,7 +327,8 @@ def run_repeat(
     snapshot_each_best = need_state and r.selection != "last"
 
     def score(split: str) -> tuple[dict[str, Any], torch.Tensor]:
-        probs = predict(model, prep.lms[split], batch_size=r.eval_batch_size, device=prep.device, amp_dtype=prep.amp_dtype)
+        probs = class_probabilities(model, prep.lms[split], batch_size=r.eval_batch_size, device=prep.device,
+                                    amp_dtype=prep.amp_dtype)
         return evaluate(probs, prep.labels[split], normal_class=prep.normal_class, num_classes=k), probs
 
     best_key: tuple[float, float] | None = None

@@ -95,7 +95,7 @@ LAYERS = [  # docs/ARCHITECTURE.md: each layer imports only from the layers abov
     ("audio",),
     ("data", "demo_data"),
     ("models", "objectives", "augment", "metrics", "evaluation"),
-    ("checkpoint", "weights"),
+    ("checkpoint", "weights", "inference"),
     ("pretrain", "finetune", "finetune_run", "finetune_outputs", "model_card"),
     ("predict", "export", "embed"),
     ("tuning", "report", "quickstart"),
