@@ -15,11 +15,12 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from .errors import AudioError
+from .errors import AudioError, one_line
 
 SAMPLE_RATE = 16000
 LOG_EPS = float(torch.finfo(torch.float32).eps)  # 1.1920929e-07, as in the reference front-end
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
+NO_AUDIO_FILES = "no audio files (.wav/.flac/.ogg/.mp3/.aiff) in this folder or below"
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def audio_info(path: str | Path) -> tuple[int, float]:
     try:
         info = sf.info(str(path))
     except Exception as exc:  # soundfile raises several types (LibsndfileError, RuntimeError, ...)
-        raise AudioError(path, f"cannot read audio ({_short(exc)}); check the file is wav/flac/ogg/mp3") from None
+        raise AudioError(path, f"cannot read audio ({one_line(exc)}); check the file is wav/flac/ogg/mp3") from None
     return int(info.samplerate), float(info.duration)
 
 
@@ -132,7 +133,7 @@ def load_audio(
     except AudioError:
         raise
     except Exception as exc:
-        raise AudioError(path, f"cannot read audio ({_short(exc)}); check the file is wav/flac/ogg/mp3") from None
+        raise AudioError(path, f"cannot read audio ({one_line(exc)}); check the file is wav/flac/ogg/mp3") from None
     samples = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     _check_samples(path, samples)
     wave = resample(torch.from_numpy(np.ascontiguousarray(samples)), file_sr, sample_rate)
@@ -144,7 +145,3 @@ def list_audio_files(root: str | Path) -> list[Path]:
     root = Path(root)
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
 
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:160] if text else type(exc).__name__

@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from .errors import ConfigError, M2DXError, os_limit_error
+from .errors import ConfigError, M2DXError, one_line, os_limit_error
 
 app = typer.Typer(
     name="m2dx",
@@ -585,8 +585,7 @@ def main() -> None:
     try:
         app()
     except M2DXError as exc:
-        message = " ".join(str(exc).split())
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {one_line(exc, limit=None)}", file=sys.stderr)
         sys.exit(2)
     except (OSError, RuntimeError) as exc:
         limit = os_limit_error(exc)  # open files, disk space, memory maps: a setting to change, not a bug

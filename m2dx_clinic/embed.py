@@ -9,16 +9,18 @@ audio problems are collected and reported, every other file is still written.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .audio import FrontEndConfig, LogMelSpectrogram, list_audio_files, load_audio
+from .audio import FrontEndConfig, LogMelSpectrogram, load_audio
 from .weights import load_encoder
 from .errors import AudioError
 from .fileio import atomic_save_npy
+from .inference import audio_files, min_seconds, too_short
 from .models.vit import AudioViT
 from .progress import make_progress
 from .runtime import pick_device
@@ -43,8 +45,8 @@ def frontend_for(encoder: AudioViT) -> LogMelSpectrogram:
 
 
 def min_samples(frontend: LogMelSpectrogram) -> int:
-    """Shortest waveform the centred STFT accepts: reflect padding of n_fft/2 needs more samples than that."""
-    return frontend.config.n_fft // 2 + 1
+    """Shortest waveform (samples) the front-end accepts (`inference.min_seconds`, the one rule)."""
+    return math.ceil(min_seconds(frontend.config) * frontend.config.sample_rate - 1e-9)
 
 
 def encode_waveform(
@@ -75,26 +77,6 @@ def encode_waveform(
     lms = encoder.normalize(lms).unsqueeze(1)  # [B, 1, 80, frames]
     features = encoder.encode_lms(lms, adjust_pos=adjust_pos)
     return features[0] if single else features
-
-
-def expand_inputs(inputs: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Files stay as given, folders become their audio files (recursive, sorted).
-
-    A folder without audio is reported as a failure rather than silently producing nothing.
-    Missing paths are passed on so `load_audio` reports them with its usual message.
-    """
-    files: list[Path] = []
-    failed: list[tuple[Path, str]] = []
-    for item in inputs:
-        item = Path(item)
-        if item.is_dir():
-            found = list_audio_files(item)
-            if not found:
-                failed.append((item, f"{item}: folder holds no audio files (.wav/.flac/.ogg/.mp3/.aiff)"))
-            files.extend(found)
-        else:
-            files.append(item)
-    return files, failed
 
 
 def output_names(files: list[Path]) -> tuple[list[str], list[str]]:
@@ -144,7 +126,8 @@ def embed_files(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    files, failed = expand_inputs(list(inputs))
+    files, empty = audio_files(list(inputs))
+    failed = [(path, f"{path}: {why}") for path, why in empty]
     names, notes = output_names(files)
     result = EmbedResult(failed=failed, notes=notes)
 
@@ -154,10 +137,8 @@ def embed_files(
         except AudioError as exc:
             result.failed.append((path, str(exc)))
             return
-        if wave.shape[-1] < min_samples(frontend):
-            problem = (f"too short ({wave.shape[-1]} samples at {sample_rate} Hz; at least "
-                       f"{min_samples(frontend)} needed); remove it or pad it")
-            result.failed.append((path, str(AudioError(path, problem))))
+        if (short := too_short(path, wave.shape[-1] / sample_rate, frontend.config)) is not None:
+            result.failed.append((path, str(short)))
             return
         with torch.inference_mode():
             features = encode_waveform(encoder, wave, frontend)

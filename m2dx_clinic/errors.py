@@ -39,17 +39,18 @@ class DownloadError(M2DXError):
     """A download that failed or did not verify."""
 
 
-def one_line(exc: BaseException, *, limit: int = 160, with_type: bool = False) -> str:
+def one_line(exc: BaseException, *, limit: int | None = 160, with_type: bool = False) -> str:
     """An exception's message folded onto one line, at most `limit` characters (its type name when empty).
 
     Errors from libraries (decoders, pickles, databases) often span many lines; the toolkit's own
     messages must stay on one line, so every place that quotes a foreign error goes through here.
-    `with_type=True` prefixes the exception's class name (`ValueError: ...`) for bug-like errors.
+    `with_type=True` prefixes the exception's class name (`ValueError: ...`) for bug-like errors;
+    `limit=None` keeps the whole text (the toolkit's own errors, printed by the CLI).
     """
     text = " ".join(str(exc).split())
     if with_type or not text:
         text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
 
 
 class ResourceLimitError(M2DXError):

@@ -22,7 +22,7 @@ import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 
-from .errors import DownloadError
+from .errors import DownloadError, one_line
 from .fileio import sha256_file
 
 COMPLETED_MARKER = ".completed"
@@ -98,29 +98,15 @@ def _start_from_content_range(value: str | None) -> int | None:
 
 
 class _Progress:
-    """A rich progress bar when asked for, otherwise a no-op (tests, logs, non-TTY jobs)."""
+    """`progress.make_progress`'s byte bar when asked for, otherwise a no-op (tests, logs, non-TTY jobs)."""
 
     def __init__(self, enabled: bool, label: str):
         self._bar = None
         self._task = None
         if enabled:
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
+            from .progress import make_progress  # imported here: progress pulls in torch, a download needs none
 
-            self._bar = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
-                transient=False,
-            )
+            self._bar = make_progress(transfer=True)
             self._label = label
 
     def __enter__(self) -> _Progress:
@@ -253,7 +239,7 @@ def download_file(
             if attempt < retries and last_error is not None:
                 time.sleep(RETRY_SLEEP_S * (attempt + 1))
     if not finished:
-        reason = f"{type(last_error).__name__}: {last_error}" if last_error else "connection dropped"
+        reason = one_line(last_error, limit=None, with_type=True) if last_error else "connection dropped"
         if not part.exists() or part.stat().st_size == 0:  # nothing arrived: no network, not a dropped download
             host = urllib.parse.urlsplit(url).netloc or url
             raise DownloadError(

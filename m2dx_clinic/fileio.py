@@ -123,6 +123,30 @@ def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def json_sha256(payload: Any) -> str:
+    """Hex sha256 of `payload` as key-sorted JSON: the one digest of settings, so equal settings give equal keys."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class FileIdentity:
+    """Who a file is without reading it: resolved path, size and modification time (an edit changes one)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+
+def file_identity(path: str | Path) -> FileIdentity | None:
+    """The file's identity, or None when it cannot be stat'ed (missing: the reader raises the proper error)."""
+    resolved = Path(path).expanduser().resolve()
+    try:
+        stat = resolved.stat()
+    except OSError:
+        return None
+    return FileIdentity(str(resolved), stat.st_size, stat.st_mtime_ns)
+
+
 def to_jsonable(value: Any, *, nonfinite: Literal["null", "text"] = "null") -> Any:
     """Plain JSON data from results: dict keys -> str, tuples/lists -> lists, dataclasses -> dicts,
     numpy / torch scalars -> Python (larger arrays -> nested lists), Path and any other object -> str.

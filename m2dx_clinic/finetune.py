@@ -18,9 +18,9 @@ writes (metrics, predictions, plots, classifier files) is `finetune_outputs`' jo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -37,6 +37,9 @@ from .data.segments import Segment
 from .data.tasks import load_task
 from .data.task_data import TaskData, resolve_normal_class
 from .errors import ConfigError, DataError
+from .fileio import file_identity
+from .inference import class_probabilities
+from .finetune_run import FinetuneRun, Prepared, RepeatOutcome
 from .finetune_outputs import (REPEATS_DIR, SCORE_KEYS, EpochsLog, FinetuneResult, finished_repeats, save_repeat_classifier,
                                outcome_fields, resume_command, save_repeat_record, shippable_recipe,
                                write_outputs)
@@ -46,9 +49,9 @@ from .models.cpu_kernels import use_fast_cpu_kernels
 from .models.vit import AudioViT
 from .objectives import inverse_frequency_weights, lr_at, soft_cross_entropy
 from .progress import console, make_progress
-from .provenance import Provenance, run_provenance
+from .provenance import run_provenance
 from .recipes import FinetuneRecipe, FtOptimSection, validate_finetune_recipe
-from .rundir import RunLock, check_inputs, default_run_dir, fingerprint, hold, record_inputs, remove_stale_temp_files
+from .rundir import check_inputs, default_run_dir, fingerprint, hold, record_inputs, remove_stale_temp_files
 from .runtime import (
     SUBSET_SEED,
     TrainingDiverged,
@@ -150,34 +153,6 @@ def backward_batch(
     return float(total) / max(n, 1), n
 
 
-@torch.inference_mode()
-def predict(
-    model: Classifier,
-    lms: SegmentArrays | torch.Tensor,
-    *,
-    batch_size: int,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Class probabilities [N, K] (float32, CPU) for raw log-mel [N, n_mels, frames].
-
-    Each sample is normalised on its own with the encoder's fixed statistics, so the result does
-    not depend on `batch_size` or on which other samples share the batch.
-    """
-    was_training = model.training
-    model.eval()
-    probs = []
-    for start in range(0, lms.shape[0], batch_size):
-        x = model.encoder.normalize(lms[start:start + batch_size].to(device, non_blocking=True)).unsqueeze(1)
-        with autocast(device, amp_dtype):
-            logits = model(x)
-        probs.append(F.softmax(logits.float(), dim=-1).cpu())
-    model.train(was_training)
-    if not probs:
-        return torch.zeros(0, model.num_classes)
-    return torch.cat(probs)
-
-
 def evaluate(probs: torch.Tensor, labels: Sequence[int], *, normal_class: int, num_classes: int) -> dict[str, Any]:
     """ICBHI scores of argmax predictions plus the mean cross-entropy ('loss')."""
     y = torch.as_tensor(list(labels), dtype=torch.long)
@@ -189,36 +164,6 @@ def evaluate(probs: torch.Tensor, labels: Sequence[int], *, normal_class: int, n
 
 
 # ---------------------------------------------------------------------------- one repeat
-@dataclass
-class RepeatOutcome:
-    """What one fine-tuning repeat produced (best weights only kept for the first repeat)."""
-
-    repeat: int
-    seed: int
-    selected_epoch: int
-    val: dict[str, Any] | None
-    test: dict[str, Any] | None
-    epochs: list[dict[str, Any]]
-    val_probs: torch.Tensor | None
-    test_probs: torch.Tensor | None
-    best_state: dict[str, torch.Tensor] | None
-    classifier: Path | None = None  # the repeat's classifier file, once written
-
-
-@dataclass
-class _Prepared:
-    """Everything shared by the repeats of one run."""
-
-    recipe: FinetuneRecipe
-    encoder: AudioViT
-    classes: list[str]
-    normal_class: int
-    lms: dict[str, SegmentArrays | torch.Tensor]  # raw log-mel per split, [N, n_mels, frames]
-    labels: dict[str, list[int]]
-    device: torch.device
-    amp_dtype: torch.dtype | None
-
-
 def _selection_key(metrics: dict[str, Any]) -> tuple[float, float]:
     """Higher is better: the Score, ties (and NaN scores) broken by the lower loss."""
     score = metrics.get("score", math.nan)
@@ -337,7 +282,7 @@ def _flat(prefix: str, metrics: dict[str, Any] | None) -> dict[str, float]:
 
 
 def run_repeat(
-    prep: _Prepared,
+    prep: Prepared,
     repeat: int,
     *,
     score_test: bool,
@@ -367,7 +312,8 @@ def run_repeat(
     snapshot_each_best = need_state and r.selection != "last"
 
     def score(split: str) -> tuple[dict[str, Any], torch.Tensor]:
-        probs = predict(model, prep.lms[split], batch_size=r.eval_batch_size, device=prep.device, amp_dtype=prep.amp_dtype)
+        probs = class_probabilities(model, prep.lms[split], batch_size=r.eval_batch_size, device=prep.device,
+                                    amp_dtype=prep.amp_dtype)
         return evaluate(probs, prep.labels[split], normal_class=prep.normal_class, num_classes=k), probs
 
     best_key: tuple[float, float] | None = None
@@ -433,27 +379,6 @@ def run_repeat(
 
 
 # ---------------------------------------------------------------------------- entry point
-@dataclass
-class FinetuneRun:
-    """A checked, ready run: the task and its splits, the encoder on its device, the prepared segments."""
-
-    prepared: _Prepared
-    task_data: TaskData
-    splits: dict[str, list[Segment]]
-    run_dir: Path
-    notes: list[str]
-    task: str
-    data: Path
-    checkpoint: str | Path
-    command: str
-    frontend: FrontEndConfig
-    score_test: bool
-    lock: RunLock
-    inputs: dict[str, str]  # fingerprint of what the run is made from (the report reuses a run only on a match)
-    provenance: Provenance  # what shipped files say about where the run came from
-    started: float = field(default_factory=time.time)
-
-
 def prepare_run(
     recipe: FinetuneRecipe,
     *,
@@ -519,7 +444,6 @@ def prepare_run(
         raise
     lms = {k: on_device_if_small(v, device) for k, v in lms.items()}
     labels = {split: [it.label for it in items] for split, items in splits.items()}
-    command = f"m2dx finetune --task {task} --data {data} --checkpoint {checkpoint}"
     provenance = run_provenance(recipe.run.provenance, task=task, data=data, data_sha256=data_sha256,
                                 checkpoint=checkpoint, run_dir=run_dir, name=recipe.run.model_name,
                                 normal_class=normal_class)
@@ -528,19 +452,16 @@ def prepare_run(
     if progress:
         for note in [*td.warnings, *notes]:
             console.print(f"[yellow]{note}[/]")
-    prepared = _Prepared(recipe, encoder.to(device), list(td.classes), td.normal_class, lms, labels, device, amp_dtype)
-    return FinetuneRun(prepared, td, splits, run_dir, notes, task, Path(data), checkpoint, command, frontend,
-                       score_test, lock, inputs, provenance)
+    prepared = Prepared(recipe, encoder.to(device), list(td.classes), td.normal_class, lms, labels, device, amp_dtype)
+    return FinetuneRun(prepared, td, splits, run_dir, notes, task, Path(data), checkpoint, score_test, lock, inputs,
+                       provenance)
 
 
 def finetune_inputs(recipe: FinetuneRecipe, data_sha256: str, checkpoint: str | Path) -> dict[str, str]:
     """What a fine-tune was made from: the data items, the checkpoint file, the recipe (not its output folder)."""
-    path = Path(str(checkpoint)).expanduser()
-    try:
-        stat = path.stat()
-        ckpt: object = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    except OSError:
-        ckpt = str(checkpoint)  # a published name
+    ident = file_identity(Path(str(checkpoint)))
+    # a published name is its own identity
+    ckpt: object = dataclasses.asdict(ident) if ident else str(checkpoint)
     values = to_dict(recipe)
     values["run"] = {k: v for k, v in values["run"].items() if k not in ("out", "device", "num_workers")}
     values["data"] = {k: v for k, v in values["data"].items() if k != "cache_dir"}  # where, not what

@@ -22,7 +22,7 @@ import shlex
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -35,6 +35,7 @@ from .evaluation.baseline import chance_references, fit_baseline
 from .evaluation.checks import result_warnings, summary_value
 from .evaluation.clinical import choose_operating_point, clinical_report, p_abnormal
 from .evaluation.plots import plot_confusion, plot_learning_curves, plot_roc_pr
+from .finetune_run import FinetuneRun, RepeatOutcome
 from .fileio import atomic_link_or_copy, atomic_write_csv, atomic_write_json, to_jsonable
 from .evaluation.ood import profile_of
 from .metrics import aggregate_runs, official_block
@@ -43,9 +44,6 @@ from .models.classifier import Classifier
 from .progress import console, environment_facts
 from .provenance import Provenance
 from .recipes import selection_label
-
-if TYPE_CHECKING:  # the loop's records; only their attributes are used here
-    from .finetune import FinetuneRun, RepeatOutcome
 
 SCORE_KEYS = ("sp", "se", "score", "accuracy")
 CLASSIFIERS_DIR = "classifiers"
@@ -138,7 +136,7 @@ def segment_rule(recipe: Any) -> dict[str, Any]:
             "positions": "adjusted" if recipe.model.adjust_pos else "chunked"}
 
 
-def classifier_meta(run: "FinetuneRun", outcome: "RepeatOutcome") -> dict[str, Any]:
+def classifier_meta(run: FinetuneRun, outcome: RepeatOutcome) -> dict[str, Any]:
     """Everything a classifier file carries besides its weights (see `checkpoint.classifier`)."""
     prep, td = run.prepared, run.task_data
     recipe, encoder = prep.recipe, prep.encoder
@@ -176,7 +174,7 @@ def classifier_meta(run: "FinetuneRun", outcome: "RepeatOutcome") -> dict[str, A
     }))
 
 
-def save_repeat_classifier(run: "FinetuneRun", outcome: "RepeatOutcome", model: Classifier) -> Path:
+def save_repeat_classifier(run: FinetuneRun, outcome: RepeatOutcome, model: Classifier) -> Path:
     """`classifiers/<published-convention folder>/repeat-<k>.pt` for one repeat's selected weights."""
     folder = run.run_dir / CLASSIFIERS_DIR / classifier_folder_name(run.prepared.encoder.config)
     return save_classifier(model, classifier_meta(run, outcome), folder / f"repeat-{outcome.repeat}.pt",
@@ -186,7 +184,7 @@ def save_repeat_classifier(run: "FinetuneRun", outcome: "RepeatOutcome", model: 
 REPEATS_DIR = "repeats"
 
 
-def save_repeat_record(run_dir: Path, outcome: "RepeatOutcome") -> Path:
+def save_repeat_record(run_dir: Path, outcome: RepeatOutcome) -> Path:
     """`repeats/repeat-<k>.json`: what a finished repeat produced (scores, epochs, selected probabilities),
     so a resumed run keeps it instead of training it again. No item names: probabilities are in split order."""
     record = {
@@ -215,7 +213,7 @@ def finished_repeats(run_dir: Path) -> dict[int, dict[str, Any]]:
     return out
 
 
-def resume_command(run: "FinetuneRun") -> str:
+def resume_command(run: FinetuneRun) -> str:
     """The command that continues an interrupted run (for the user's console, so with its real paths)."""
     return shlex.join(["m2dx", "finetune", "--resume", str(run.run_dir), "--task", run.task, "--data", str(run.data),
                        "--checkpoint", str(run.checkpoint)])
@@ -235,9 +233,9 @@ def outcome_fields(record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             "classifier": run_dir / record["classifier"] if record.get("classifier") else None}
 
 
-def _selected_repeat(outcomes: Sequence["RepeatOutcome"], selection: str) -> int:
+def _selected_repeat(outcomes: Sequence[RepeatOutcome], selection: str) -> int:
     """The repeat whose file becomes best.pt: best validation Score (test Score for test-best), else the first."""
-    def key(o: "RepeatOutcome") -> float:
+    def key(o: RepeatOutcome) -> float:
         block = o.test if selection == "test-best" else o.val
         value = summary_value(block, "score")
         return -math.inf if value is None else value
@@ -247,14 +245,14 @@ def _selected_repeat(outcomes: Sequence["RepeatOutcome"], selection: str) -> int
 
 
 # ---------------------------------------------------------------------------- judging the run
-def _ensemble(outcomes: Sequence["RepeatOutcome"], split: str) -> np.ndarray | None:
+def _ensemble(outcomes: Sequence[RepeatOutcome], split: str) -> np.ndarray | None:
     probs = [getattr(o, f"{split}_probs") for o in outcomes]
     if not probs or any(p is None for p in probs) or len(probs[0]) == 0:
         return None
     return np.mean([p.numpy().astype(np.float64) for p in probs], axis=0)
 
 
-def evaluate_run(run: "FinetuneRun", outcomes: Sequence["RepeatOutcome"]) -> dict[str, Any]:
+def evaluate_run(run: FinetuneRun, outcomes: Sequence[RepeatOutcome]) -> dict[str, Any]:
     """The ensemble's clinical metrics and operating point, the baseline, chance, and the warnings."""
     prep = run.prepared
     recipe, r = prep.recipe, prep.recipe.run
@@ -345,7 +343,7 @@ def summary_table(aggregate: dict[str, Any], *, title: str) -> Any:
 
 
 # ---------------------------------------------------------------------------- all files of a run
-def write_outputs(run: "FinetuneRun", outcomes: Sequence["RepeatOutcome"], *, progress: bool) -> FinetuneResult:
+def write_outputs(run: FinetuneRun, outcomes: Sequence[RepeatOutcome], *, progress: bool) -> FinetuneResult:
     """All files of a finished run, each written atomically; returns the result the caller reports."""
     prep, td, run_dir = run.prepared, run.task_data, run.run_dir
     recipe = prep.recipe
@@ -446,7 +444,7 @@ def write_outputs(run: "FinetuneRun", outcomes: Sequence["RepeatOutcome"], *, pr
                           warnings=warnings, evaluation=metrics if evaluation is not None else None)
 
 
-def _plot_curves(run: "FinetuneRun", evaluation: dict[str, Any]) -> None:
+def _plot_curves(run: FinetuneRun, evaluation: dict[str, Any]) -> None:
     """roc_pr.png: normal-vs-abnormal ROC and precision-recall of the model and the baseline on the scored split."""
     prep = run.prepared
     split = "test" if "test" in evaluation["_probs"] else "val"

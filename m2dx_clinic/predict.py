@@ -1,7 +1,7 @@
 """Classifying new recordings with a fine-tuned classifier: the library behind `m2dx predict`.
 
 The end of the journey: a team fine-tuned in order to use the model. Each recording is cut into
-segments (its annotation file found by `data.tasks.find_annotations`: ICBHI `.txt`, SPRSound `.json`;
+segments (`inference.plan_segments`: its annotation file found by the task registry, ICBHI `.txt`, SPRSound `.json`;
 the start/end of a CSV manifest; or sliding windows of
 the model's segment length), every segment goes through exactly the training path (read at the
 model's rate, fitted to the segment length with the training padding, the same log-mel, per-sample
@@ -19,30 +19,28 @@ import datetime as _dt
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from ._version import __version__
-from .audio import audio_info, list_audio_files
+from .audio import audio_info
 from .checkpoint.classifier import LoadedClassifier, classifier_files, find_classifier, load_classifier
-from .data.tasks import find_annotations
 from .data.segment_cache import prepare_segments, readable_rows
-from .data.segments import Segment, read_manifest
-from .errors import AudioError, CheckpointError, ConfigError, DataError, M2DXError
+from .data.segments import Segment
+from .errors import AudioError, CheckpointError, ConfigError, M2DXError
 from .evaluation import ood
 from .fileio import atomic_write_csv, atomic_write_json
+from .inference import (Recording, SegmentMode, collect_inputs, mean_probabilities,  # noqa: F401 (Recording: re-exported)
+                        plan_segments, too_short)
 from .progress import console, make_progress
 from .models.cpu_kernels import use_fast_cpu_kernels
-from .runtime import autocast, keep_freed_cpu_memory, pick_amp, pick_device
+from .runtime import keep_freed_cpu_memory, pick_amp, pick_device
 
-SegmentMode = Literal["auto", "annotations", "window"]
-MIN_WINDOW_FRACTION = 0.5  # a last, partial window shorter than this fraction of a window is dropped
 
 
 @dataclass
@@ -81,60 +79,6 @@ def load_model_set(model: str | Path, *, repeat: int | None = None) -> ModelSet:
     return ModelSet(members, point, str(path))
 
 
-# ---------------------------------------------------------------------------- what to classify
-@dataclass
-class Recording:
-    """One input audio file and the segments a CSV manifest gave for it (empty: decide per mode)."""
-
-    path: Path
-    ranges: list[tuple[float | None, float | None]] = field(default_factory=list)
-
-
-def collect_inputs(inputs: Sequence[str | Path]) -> tuple[list[Recording], list[tuple[str, str]]]:
-    """Files, folders (recursive) and CSV manifests (`path[,start,end]`) -> recordings, in input order."""
-    out: dict[Path, Recording] = {}
-    failed: list[tuple[str, str]] = []
-    for item in inputs:
-        item = Path(item).expanduser()
-        if item.is_dir():
-            files = list_audio_files(item)
-            if not files:
-                failed.append((str(item), "the folder holds no audio files (.wav/.flac/.ogg/.mp3/.aiff)"))
-            for f in files:
-                out.setdefault(f, Recording(f))
-        elif item.suffix.lower() == ".csv" and item.is_file():
-            for seg in read_manifest(item).segments:
-                rec = out.setdefault(seg.path, Recording(seg.path))
-                if seg.start is not None or seg.end is not None:
-                    rec.ranges.append((seg.start, seg.end))
-        else:
-            out.setdefault(item, Recording(item))
-    return list(out.values()), failed
-
-
-def plan_segments(recording: Recording, duration: float, *, mode: SegmentMode, window: float,
-                  hop: float) -> tuple[list[tuple[float, float | None]], str]:
-    """The (start, end) seconds to classify and where they came from: annotations, csv or window."""
-    found = find_annotations(recording.path) if mode in ("auto", "annotations") and not recording.ranges else None
-    inside = [(s, min(e, duration)) for s, e in found[0] if s < duration] if found is not None else []
-    if inside:  # segments starting after the audio ends are left out, ends past it clipped
-        return inside, "annotations"
-    if mode == "annotations" and found is not None:
-        raise DataError(f"{found[1]}: no annotated segment inside the {duration:.2f} s of {recording.path.name}; "
-                        "use --segments window (or auto)")
-    if mode == "annotations":
-        raise DataError(f"{recording.path}: no annotation beside it (ICBHI {recording.path.stem}.txt, or SPRSound "
-                        f"{recording.path.stem}.json beside it or in the matching *_json folder); "
-                        "use --segments window (or auto)")
-    if mode == "auto" and recording.ranges:
-        return [(start or 0.0, end) for start, end in recording.ranges], "csv"
-    starts = [0.0]
-    while starts[-1] + hop < duration - 1e-9:
-        starts.append(starts[-1] + hop)
-    kept = [s for i, s in enumerate(starts) if i == 0 or duration - s >= MIN_WINDOW_FRACTION * window]
-    return [(s, min(s + window, duration)) for s in kept], "window"
-
-
 def _ood_flags(profile: dict[str, Any] | None, items: list[Segment], lms: torch.Tensor, rate: int,
                duration: float, frontend: Any) -> list[list[str]]:
     """Per kept segment, what puts it outside the classifier's training audio (`evaluation.ood`)."""
@@ -146,23 +90,11 @@ def _ood_flags(profile: dict[str, Any] | None, items: list[Segment], lms: torch.
             for d, (m, sd) in zip(lengths, stats)]
 
 
-# ---------------------------------------------------------------------------- applying the model
-@torch.inference_mode()
 def probabilities(models: ModelSet, lms: torch.Tensor, *, device: torch.device, batch_size: int,
                   amp_dtype: torch.dtype | None = None) -> np.ndarray:
     """Mean class probabilities [N, K] of the model set on raw log-mel [N, n_mels, frames] (per-sample normalised)."""
-    total = None
-    for member in models.members:
-        model = member.model.to(device).eval()
-        chunks = []
-        for start in range(0, lms.shape[0], batch_size):
-            x = model.encoder.normalize(lms[start:start + batch_size].to(device)).unsqueeze(1)
-            with autocast(device, amp_dtype):
-                logits = model(x)
-            chunks.append(F.softmax(logits.float(), dim=-1).cpu().double())
-        probs = torch.cat(chunks).numpy() if chunks else np.zeros((0, len(member.classes)))
-        total = probs if total is None else total + probs
-    return total / len(models.members)
+    return mean_probabilities([m.model for m in models.members], lms, device=device, batch_size=batch_size,
+                              amp_dtype=amp_dtype)
 
 
 @dataclass
@@ -209,7 +141,6 @@ def predict(
     classes, normal = head.classes, head.normal_index
     threshold = models.operating_point["threshold"] if models.operating_point else None
     recordings, failed = collect_inputs(inputs)
-    min_seconds = (frontend.n_fft // 2 + 1) / frontend.sample_rate
 
     profile = head.meta.get("audio_profile")
     flagged: list[tuple[str, list[str]]] = []
@@ -222,9 +153,8 @@ def predict(
         for index, rec in enumerate(recordings):
             try:
                 rate, duration = audio_info(rec.path)
-                if duration < min_seconds:
-                    raise AudioError(rec.path, f"too short ({duration * 1000:.1f} ms; at least "
-                                               f"{min_seconds * 1000:.1f} ms); remove it or record longer")
+                if (short := too_short(rec.path, duration, frontend)) is not None:
+                    raise short
                 plan, source = plan_segments(rec, duration, mode=segments, window=window, hop=hop)
                 items = [Segment(rec.path, start=s, end=e, item_id=f"{rec.path.stem}#{i:03d}")
                          for i, (s, e) in enumerate(plan)]

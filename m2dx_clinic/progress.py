@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn, TransferSpeedColumn)
 
 from .fileio import atomic_write_text, to_jsonable
 
@@ -101,19 +102,21 @@ def environment_facts() -> dict[str, Any]:
     return facts
 
 
-def make_progress(transient: bool = False, show: bool = True) -> Progress:
-    """A rich progress bar with count, elapsed time and ETA plus a free-text status field.
+def make_progress(transient: bool = False, show: bool = True, transfer: bool = False) -> Progress:
+    """The one progress bar: count, elapsed time and ETA plus a free-text status field (with
+    `transfer=True`: bytes and speed, for downloads).
 
     With `show=False` (or M2DX_NO_PROGRESS=1) it is disabled: the same calls, no live display, so a
     report or probe running inside another command's live bar cannot clash with it.
     """
+    if transfer:
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TimeRemainingColumn())
+    else:
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
     return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
+        *columns,
         console=console,
         transient=transient,
         disable=not show or os.environ.get("M2DX_NO_PROGRESS") == "1",

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .fileio import sha256_file
+from .fileio import FileIdentity, file_identity, sha256_file
 
 ProvenanceMode = Literal["clean", "full"]
 PROVENANCE_MODES = ("clean", "full")
@@ -58,9 +58,11 @@ def short_sha(sha256: str) -> str:
 
 
 @functools.lru_cache(maxsize=32)
-def _content_sha256(path: str, size: int, mtime_ns: int) -> str:
+def _content_sha256(identity: FileIdentity | None) -> str:
     """sha256 of a file, once per (file, size, modification time): tuning trials share one base checkpoint."""
-    return sha256_file(Path(path))
+    if identity is None:
+        raise FileNotFoundError("checkpoint vanished while being fingerprinted")
+    return sha256_file(Path(identity.path))
 
 
 def checkpoint_fingerprint(checkpoint: str | Path) -> str | None:
@@ -69,14 +71,11 @@ def checkpoint_fingerprint(checkpoint: str | Path) -> str | None:
 
     path = Path(str(checkpoint)).expanduser()
     if path.is_file():
-        stat = path.stat()
-        return _content_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        return _content_sha256(file_identity(path))
     if path.is_dir():
         digest = hashlib.sha256()
         for file in sorted(path.glob("*.pth")):
-            stat = file.stat()
-            digest.update(file.name.encode() + b"\0" + _content_sha256(str(file.resolve()), stat.st_size,
-                                                                        stat.st_mtime_ns).encode())
+            digest.update(file.name.encode() + b"\0" + _content_sha256(file_identity(file)).encode())
         return digest.hexdigest()
     return None
 

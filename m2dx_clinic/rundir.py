@@ -19,7 +19,7 @@ from typing import Any
 
 from ._version import __version__
 from .errors import ConfigError
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, file_identity, json_sha256
 
 
 def fresh_dir(path: str | Path) -> Path:
@@ -166,8 +166,9 @@ def tree_fingerprint(path: str | Path) -> str:
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     digest = hashlib.sha256(str(root.resolve()).encode())
     for file in files:
-        stat = file.stat()
-        digest.update(f"{file.relative_to(root) if file != root else file.name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+        ident = file_identity(file)
+        size, mtime_ns = (ident.size, ident.mtime_ns) if ident else (-1, -1)  # vanished while listed
+        digest.update(f"{file.relative_to(root) if file != root else file.name}\t{size}\t{mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
@@ -175,7 +176,7 @@ def fingerprint(**parts: object) -> dict[str, str]:
     """A record of a step's inputs: each part as text, plus one sha256 over all of them."""
     record = {key: json.dumps(value, sort_keys=True, default=str) for key, value in sorted(parts.items())}
     record["package_version"] = __version__
-    record["sha256"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    record["sha256"] = json_sha256(record)
     return record
 
 

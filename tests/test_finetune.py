@@ -25,7 +25,8 @@ from m2dx_clinic.data.tasks import load_task
 from m2dx_clinic.errors import AudioError, CheckpointError, ConfigError
 from m2dx_clinic.config import load_params_toml
 from m2dx_clinic.data.segment_cache import prepare_segments as prepare_cycles
-from m2dx_clinic.finetune import backward_batch, finetune, predict, train_epoch
+from m2dx_clinic.finetune import backward_batch, finetune, train_epoch
+from m2dx_clinic.inference import class_probabilities
 from m2dx_clinic.recipes import TEST_BEST_LABEL, FinetuneRecipe
 from m2dx_clinic.metrics import aggregate_runs, icbhi_scores
 from m2dx_clinic.models.classifier import Classifier
@@ -191,11 +192,11 @@ def test_predictions_do_not_depend_on_batching():
     torch.manual_seed(3)
     lms = torch.randn(9, 80, 120) * 3 - 7
     lms[4] += 20  # an outlier would shift any batch statistics (min-max / batch mean)
-    one = predict(model, lms, batch_size=1, device=torch.device("cpu"))
-    seven = predict(model, lms, batch_size=7, device=torch.device("cpu"))
+    one = class_probabilities(model, lms, batch_size=1, device=torch.device("cpu"))
+    seven = class_probabilities(model, lms, batch_size=7, device=torch.device("cpu"))
     torch.testing.assert_close(one, seven, atol=1e-6, rtol=1e-5)
     assert torch.equal(one.argmax(1), seven.argmax(1))
-    alone = predict(model, lms[:1], batch_size=1, device=torch.device("cpu"))
+    alone = class_probabilities(model, lms[:1], batch_size=1, device=torch.device("cpu"))
     torch.testing.assert_close(alone[0], seven[0], atol=1e-6, rtol=1e-5)
 
 

@@ -11,10 +11,8 @@ run never dies on file 9,000 of 10,000; the disk space a build needs is checked 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
-import os
 import shutil
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -27,7 +25,7 @@ import torch
 
 from ..audio import FrontEndConfig, LogMelSpectrogram, audio_info, load_audio
 from ..errors import AudioError, DataError, one_line
-from ..fileio import atomic_write_bytes, sha256_file
+from ..fileio import atomic_write_bytes, file_identity, json_sha256, sha256_file
 from ..progress import console, make_progress
 from .segments import Segment
 from .shards import DTYPES, ShardArrays, ShardStore
@@ -51,7 +49,7 @@ def content_key(file_hash: str, start: float | None, end: float | None, frontend
     }
     if dtype != "float32":  # float32 keys are those of the one-file-per-entry cache, so it migrates
         payload["dtype"] = dtype
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+    return json_sha256(payload)
 
 
 def expected_bytes(segment: Segment, frontend: FrontEndConfig, itemsize: int) -> int:
@@ -120,17 +118,15 @@ class LogMelCache:
         results: dict[Path, str | AudioError] = {}
         todo: list[tuple[Path, str, int, int]] = []
         for path in paths:
-            absolute = str(path.resolve())
-            try:
-                st = os.stat(absolute)
-            except OSError:
+            ident = file_identity(path)
+            if ident is None:
                 results[path] = AudioError(path, "file not found; check the path")
                 continue
-            known = index.get(absolute)
-            if isinstance(known, list) and len(known) == 3 and known[0] == st.st_size and known[1] == st.st_mtime_ns:
+            known = index.get(ident.path)
+            if isinstance(known, list) and len(known) == 3 and known[0] == ident.size and known[1] == ident.mtime_ns:
                 results[path] = known[2]
             else:
-                todo.append((path, absolute, st.st_size, st.st_mtime_ns))
+                todo.append((path, ident.path, ident.size, ident.mtime_ns))
         if todo:
             task = progress.add_task("hashing audio files", total=len(todo), status="")
 

@@ -11,7 +11,6 @@ needs them, so a process's memory is bounded by the batch size, not by the numbe
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -23,6 +22,7 @@ import torch
 
 from ..audio import FrontEndConfig, LogMelSpectrogram
 from ..errors import AudioError
+from ..fileio import file_identity, json_sha256
 from ..progress import console, make_progress
 from .logmel_cache import check_free_space
 from .segments import Segment, load_fixed_length
@@ -125,24 +125,21 @@ def segment_key(item: Segment, frontend: FrontEndConfig, length_s: float, pad: s
     Editing a file changes its size or mtime and so its key; changing the cycle length, padding or
     front-end changes the key too, so a stale entry is never served.
     """
-    path = Path(item.path).expanduser().resolve()
-    try:
-        stat = path.stat()
-        size, mtime = stat.st_size, stat.st_mtime_ns
-    except OSError:
-        size, mtime = -1, -1  # missing: loading raises the proper AudioError
+    ident = file_identity(item.path)
+    # missing: loading raises the proper AudioError
+    path = ident.path if ident else str(Path(item.path).expanduser().resolve())
     payload = {
         "version": CYCLE_CACHE_VERSION,
-        "path": str(path),
-        "size": size,
-        "mtime_ns": mtime,
+        "path": path,
+        "size": ident.size if ident else -1,
+        "mtime_ns": ident.mtime_ns if ident else -1,
         "start": item.start,
         "end": item.end,
         "length_s": float(length_s),
         "pad": pad,
         "frontend": asdict(frontend),
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+    return json_sha256(payload)
 
 
 def prepare_segments(

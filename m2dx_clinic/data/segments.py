@@ -22,7 +22,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from ..audio import list_audio_files, load_audio
+from ..audio import NO_AUDIO_FILES, list_audio_files, load_audio
 from ..errors import ConfigError, DataError, one_line
 from ..fileio import atomic_write_text
 
@@ -205,8 +205,7 @@ def list_segments(source: str | Path) -> list[Segment]:
         files = list_audio_files(source)
         if not files:
             raise DataError(
-                f"{source}: no audio files (.wav/.flac/.ogg/.mp3/.aiff) found in this folder or below; "
-                "put the recordings there or pass a CSV manifest with a 'path' column"
+                f"{source}: {NO_AUDIO_FILES}; put the recordings there or pass a CSV manifest with a 'path' column"
             )
         return [Segment(path=p) for p in files]
     if source.is_file():

@@ -479,7 +479,7 @@ def update_progress_report(run_dir: str | Path, *, num_crops: int = NUM_HEALTH_C
         return Path(run_dir) / REPORT_DIR_NAME / "report.json"
     except Exception as exc:  # never let the report stop a training run
         try:
-            console.print(f"[yellow]warning: progress report of {run_dir} not updated: {type(exc).__name__}: {exc}[/]")
+            console.print(f"[yellow]warning: progress report of {run_dir} not updated: {one_line(exc, limit=None, with_type=True)}[/]")
         except Exception:
             pass
         return None

@@ -13,7 +13,6 @@ the new checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -25,13 +24,13 @@ import torch
 
 from ..audio import FrontEndConfig
 from ..errors import DataError
-from ..fileio import atomic_save_npy, atomic_write_text
+from ..inference import clip_embeddings
+from ..fileio import atomic_save_npy, atomic_write_text, file_identity, json_sha256
 from ..models.vit import AudioViT
 from ..data.corpora import cache_root
 from ..data.crops import crop_lms
 from ..data.logmel_cache import LogMelCache
 from ..data.segments import list_segments
-from ..runtime import pick_device
 
 HEALTH_CACHE_NAME = "health_cache.json"
 HEALTH_CROPS_NAME = "health_crops.npy"
@@ -105,39 +104,6 @@ def cosine_drift(feats_a: np.ndarray | torch.Tensor, feats_b: np.ndarray | torch
     return float(np.mean((a * b).sum(axis=1) / denom))
 
 
-
-# ============================================================================ embeddings
-@torch.inference_mode()
-def clip_embeddings(
-    encoder: AudioViT,
-    lms: np.ndarray | torch.Tensor,
-    *,
-    norm_stats: Sequence[float] | None = None,
-    batch_size: int = 32,
-    device: str | torch.device | None = None,
-) -> np.ndarray:
-    """Raw log-mel [N, n_mels, frames] -> one vector per clip [N, F*D]: mean over time of `encode_lms`.
-
-    `norm_stats` (mean, std) overrides the encoder's own buffer; the report normalises every
-    checkpoint of a run the way the training loop fed it, so their embeddings are comparable.
-    """
-    dev = pick_device(device)
-    encoder = encoder.to(dev).eval()
-    out = []
-    for start in range(0, len(lms), batch_size):
-        chunk = torch.as_tensor(np.asarray(lms[start : start + batch_size]), dtype=torch.float32).to(dev)
-        chunk = chunk.unsqueeze(1)  # [B, 1, n_mels, frames]
-        if norm_stats is not None:
-            chunk = (chunk - float(norm_stats[0])) / float(norm_stats[1])
-        else:
-            chunk = encoder.normalize(chunk)
-        out.append(encoder.encode_lms(chunk).mean(dim=1).float().cpu().numpy())
-    if not out:
-        return np.zeros((0, encoder.frame_feature_dim), dtype=np.float32)
-    return np.concatenate(out, axis=0)
-
-
-
 # ============================================================================ health crops
 @dataclass
 class HealthCrops:
@@ -153,9 +119,8 @@ class HealthCrops:
 
 
 def _crops_key(source: str, num_crops: int, seed: int, width: int, frontend: FrontEndConfig) -> str:
-    payload = json.dumps({"v": _CACHE_VERSION, "source": source, "n": num_crops, "seed": seed, "width": width,
-                          "frontend": dataclasses.asdict(frontend)}, sort_keys=True)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+    return json_sha256({"v": _CACHE_VERSION, "source": source, "n": num_crops, "seed": seed, "width": width,
+                        "frontend": dataclasses.asdict(frontend)})[:16]
 
 
 def health_crops(
@@ -243,11 +208,8 @@ class HealthCache:
 
     @staticmethod
     def file_key(path: Path) -> str | None:
-        try:
-            st = Path(path).stat()
-        except OSError:
-            return None
-        return f"{Path(path).resolve()}|{st.st_mtime_ns}|{st.st_size}"
+        ident = file_identity(path)
+        return None if ident is None else f"{ident.path}|{ident.mtime_ns}|{ident.size}"
 
     def get(self, key: str | None, crops_key: str, base_key: str | None) -> dict[str, Any] | None:
         entry = self.data["entries"].get(key) if key else None

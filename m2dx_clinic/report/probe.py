@@ -19,7 +19,7 @@ from ..data.segment_cache import SegmentArrays, prepare_segments, readable_rows
 from ..errors import DataError
 from ..metrics import icbhi_scores
 from ..models.vit import AudioViT
-from .health import clip_embeddings
+from ..inference import clip_embeddings
 
 
 class ProbeSet:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..document import Document, Table
+from ..errors import one_line
 from ..fileio import atomic_savefig, atomic_write_json, atomic_write_text
 from ..progress import console
 from .health import DRIFT_WARN_COS, RANK_COLLAPSE_DROP
@@ -326,7 +327,7 @@ def write_report_files(report: dict[str, Any], report_dir: Path, metrics: list[d
             if make(report_dir / name) is not None:
                 images.append(name)
         except Exception as exc:  # a plotting problem must not lose the numbers
-            report.setdefault("warnings", []).append(f"plot {name} failed: {type(exc).__name__}: {exc}")
+            report.setdefault("warnings", []).append(f"plot {name} failed: {one_line(exc, limit=None, with_type=True)}")
             console.print(f"[yellow]warning: plot {name} failed: {exc}[/]")
     report["files"] = ["report.json", "report.md", "report.html", *images]
     document = report_document(report, images)

@@ -1,0 +1,181 @@
+"""Using a trained model on audio: the one path from inputs to class probabilities or embeddings.
+
+Fine-tuning's evaluation, `m2dx predict`, `m2dx embed` and the report's probe all go through here,
+so a segment is planned, fitted, normalised and batched the same way wherever a model is applied:
+- inputs -> audio files (`audio_files`, `collect_inputs`); a folder without audio is a failure;
+- recordings -> segments (`plan_segments`: annotations found by the task registry, CSV ranges, or
+  windows), refused when shorter than the front-end accepts (`too_short`);
+- raw log-mel batches -> probabilities or embeddings, per-sample normalised, under one autocast rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .audio import NO_AUDIO_FILES, FrontEndConfig, list_audio_files
+from .data.segment_cache import SegmentArrays
+from .data.segments import read_manifest
+from .data.tasks import find_annotations
+from .errors import AudioError, DataError
+from .models.classifier import Classifier
+from .models.vit import AudioViT
+from .runtime import autocast, pick_device
+
+SegmentMode = Literal["auto", "annotations", "window"]
+MIN_WINDOW_FRACTION = 0.5  # a last, partial window shorter than this fraction of a window is dropped
+AnnotationReader = Callable[[Path], tuple[list[tuple[float, float]], Path] | None]
+
+
+# ---------------------------------------------------------------------------- inputs -> audio files
+def audio_files(inputs: Sequence[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Files stay as given (a missing one is reported by its reader), folders become their audio files.
+
+    Returns the files and, per folder without audio, (folder, why): nothing is silently skipped.
+    """
+    files: list[Path] = []
+    failed: list[tuple[Path, str]] = []
+    for item in inputs:
+        item = Path(item).expanduser()
+        if item.is_dir():
+            found = list_audio_files(item)
+            if not found:
+                failed.append((item, NO_AUDIO_FILES))
+            files.extend(found)
+        else:
+            files.append(item)
+    return files, failed
+
+
+@dataclass
+class Recording:
+    """One input audio file and the segments a CSV manifest gave for it (empty: decide per mode)."""
+
+    path: Path
+    ranges: list[tuple[float | None, float | None]] = field(default_factory=list)
+
+
+def collect_inputs(inputs: Sequence[str | Path]) -> tuple[list[Recording], list[tuple[str, str]]]:
+    """Files, folders (recursive) and CSV manifests (`path[,start,end]`) -> recordings, in input order."""
+    out: dict[Path, Recording] = {}
+    failed: list[tuple[str, str]] = []
+    for item in inputs:
+        item = Path(item).expanduser()
+        if item.suffix.lower() == ".csv" and item.is_file():
+            for seg in read_manifest(item).segments:
+                rec = out.setdefault(seg.path, Recording(seg.path))
+                if seg.start is not None or seg.end is not None:
+                    rec.ranges.append((seg.start, seg.end))
+            continue
+        files, empty = audio_files([item])
+        failed += [(str(path), why) for path, why in empty]
+        for f in files:
+            out.setdefault(f, Recording(f))
+    return list(out.values()), failed
+
+
+# ---------------------------------------------------------------------------- recordings -> segments
+def min_seconds(frontend: FrontEndConfig) -> float:
+    """Shortest audio the centred STFT accepts: its reflect padding of n_fft/2 needs more samples than that."""
+    return (frontend.n_fft // 2 + 1) / frontend.sample_rate
+
+
+def too_short(path: Path, seconds: float, frontend: FrontEndConfig) -> AudioError | None:
+    """The one-line refusal of audio shorter than `min_seconds`, or None when it is long enough."""
+    if seconds >= min_seconds(frontend):
+        return None
+    return AudioError(path, f"too short ({seconds * 1000:.1f} ms; at least {min_seconds(frontend) * 1000:.1f} ms); "
+                            "remove it or record longer")
+
+
+def plan_segments(recording: Recording, duration: float, *, mode: SegmentMode, window: float, hop: float,
+                  annotations: AnnotationReader = find_annotations) -> tuple[list[tuple[float, float | None]], str]:
+    """The (start, end) seconds to classify and where they came from: annotations, csv or window.
+
+    `annotations` is the corpora's reader of an annotation file beside the audio (the task registry's).
+    """
+    found = annotations(recording.path) if mode in ("auto", "annotations") and not recording.ranges else None
+    inside = [(s, min(e, duration)) for s, e in found[0] if s < duration] if found is not None else []
+    if inside:  # segments starting after the audio ends are left out, ends past it clipped
+        return inside, "annotations"
+    if mode == "annotations" and found is not None:
+        raise DataError(f"{found[1]}: no annotated segment inside the {duration:.2f} s of {recording.path.name}; "
+                        "use --segments window (or auto)")
+    if mode == "annotations":
+        raise DataError(f"{recording.path}: no annotation beside it (ICBHI {recording.path.stem}.txt, or SPRSound "
+                        f"{recording.path.stem}.json beside it or in the matching *_json folder); "
+                        "use --segments window (or auto)")
+    if mode == "auto" and recording.ranges:
+        return [(start or 0.0, end) for start, end in recording.ranges], "csv"
+    return _windows(duration, window, hop), "window"
+
+
+def _windows(duration: float, window: float, hop: float) -> list[tuple[float, float | None]]:
+    starts = [0.0]
+    while starts[-1] + hop < duration - 1e-9:
+        starts.append(starts[-1] + hop)
+    kept = [s for i, s in enumerate(starts) if i == 0 or duration - s >= MIN_WINDOW_FRACTION * window]
+    return [(s, min(s + window, duration)) for s in kept]
+
+
+# ---------------------------------------------------------------------------- batches -> outputs
+def _batches(lms: SegmentArrays | np.ndarray | torch.Tensor, batch_size: int,
+             device: torch.device) -> Iterator[torch.Tensor]:
+    """Raw log-mel rows [B, n_mels, frames] (float32, on `device`), `batch_size` at a time."""
+    for start in range(0, len(lms), batch_size):
+        chunk = lms[start:start + batch_size]
+        chunk = chunk if isinstance(chunk, torch.Tensor) else torch.as_tensor(np.asarray(chunk), dtype=torch.float32)
+        yield chunk.to(device, non_blocking=True)
+
+
+@torch.inference_mode()
+def class_probabilities(model: Classifier, lms: SegmentArrays | torch.Tensor, *, batch_size: int,
+                        device: torch.device, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Class probabilities [N, K] (float32, CPU) for raw log-mel [N, n_mels, frames].
+
+    Each sample is normalised on its own with the encoder's fixed statistics, so the result does
+    not depend on `batch_size` or on which other samples share the batch.
+    """
+    was_training = model.training
+    model.eval()
+    probs = []
+    for x in _batches(lms, batch_size, device):
+        with autocast(device, amp_dtype):
+            logits = model(model.encoder.normalize(x).unsqueeze(1))  # [B, K]
+        probs.append(F.softmax(logits.float(), dim=-1).cpu())
+    model.train(was_training)
+    return torch.cat(probs) if probs else torch.zeros(0, model.num_classes)
+
+
+def mean_probabilities(models: Sequence[Classifier], lms: SegmentArrays | torch.Tensor, *, device: torch.device,
+                       batch_size: int, amp_dtype: torch.dtype | None = None) -> np.ndarray:
+    """The ensemble's mean class probabilities [N, K] (float64): each model's, averaged."""
+    total = sum(class_probabilities(m.to(device), lms, batch_size=batch_size, device=device,
+                                    amp_dtype=amp_dtype).double().numpy() for m in models)
+    return total / len(models)
+
+
+@torch.inference_mode()
+def clip_embeddings(encoder: AudioViT, lms: np.ndarray | torch.Tensor, *, norm_stats: Sequence[float] | None = None,
+                    batch_size: int = 32, device: str | torch.device | None = None,
+                    amp_dtype: torch.dtype | None = None) -> np.ndarray:
+    """Raw log-mel [N, n_mels, frames] -> one vector per clip [N, F*D]: mean over time of `encode_lms`.
+
+    `norm_stats` (mean, std) overrides the encoder's own buffer; the report normalises every
+    checkpoint of a run the way the training loop fed it, so their embeddings are comparable.
+    """
+    dev = pick_device(device)
+    encoder = encoder.to(dev).eval()
+    out = []
+    for x in _batches(lms, batch_size, dev):
+        x = x.unsqueeze(1)  # [B, 1, n_mels, frames]
+        x = (x - float(norm_stats[0])) / float(norm_stats[1]) if norm_stats is not None else encoder.normalize(x)
+        with autocast(dev, amp_dtype):
+            features = encoder.encode_lms(x)  # [B, T', F*D]
+        out.append(features.mean(dim=1).float().cpu().numpy())
+    return np.concatenate(out, axis=0) if out else np.zeros((0, encoder.frame_feature_dim), dtype=np.float32)
