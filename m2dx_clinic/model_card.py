@@ -108,7 +108,7 @@ def verdict(metrics: dict[str, Any], split: str) -> str:
     text += ". "
     if level is not None and model <= level + 1e-12:
         text += "Verdict: NOT USEFUL: the model is no better than chance on this data."
-    elif base is not None and model < base:
+    elif base is not None and model <= base:  # a tie is no reason to ship the larger model
         text += "Verdict: NOT BETTER THAN THE BASELINE: a much simpler model does at least as well; do not use it."
     elif base is not None:
         text += "Verdict: better than the baseline and chance on this split; read the limits before relying on it."
