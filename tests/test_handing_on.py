@@ -118,7 +118,8 @@ def test_the_exported_classifier_is_the_one_predict_and_the_card_use(planted):
     models = load_model_set(run)
     clf = models.first
     items = _test_items(planted)
-    lms = prepare_segments(items, frontend=clf.frontend, length_s=clf.segment_seconds, pad=clf.pad, cache_dir=None)[:]  # every row, as one tensor
+    lms = prepare_segments(items, frontend=clf.frontend, length_s=clf.segment_seconds, pad=clf.pad,
+                           cache_dir=None)[:]  # every row, as one tensor
     by_predict = probabilities(models, lms, device=torch.device("cpu"), batch_size=8)
     # independently: the mean over repeats of the probabilities the run itself recorded
     pred = pd.read_csv(run / "predictions.csv")
