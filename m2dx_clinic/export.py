@@ -94,34 +94,30 @@ def sidecar(model: LoadedClassifier | ModelSet, fmt: str, provenance: Provenance
 def clean_onnx(model: Any) -> Any:
     """Drop what the exporter records about the exporting machine: doc strings and metadata (source-file
     paths and stack traces with the user's home folder) on the model, graph, nodes, functions and values."""
-    def graph_clean(graph: Any) -> None:
-        graph.doc_string = ""
-        if hasattr(graph, "metadata_props"):
-            del graph.metadata_props[:]
-        for value in [*graph.input, *graph.output, *graph.value_info, *graph.initializer]:
-            value.doc_string = ""
-            if hasattr(value, "metadata_props"):
-                del value.metadata_props[:]
-        for node in graph.node:
-            node.doc_string = ""
-            del node.metadata_props[:]
-            for attr in node.attribute:
-                attr.doc_string = ""
-                if attr.HasField("g"):
-                    graph_clean(attr.g)
-                for sub in attr.graphs:
-                    graph_clean(sub)
+    def strip(item: Any) -> None:
+        item.doc_string = ""
+        if hasattr(item, "metadata_props"):
+            del item.metadata_props[:]
 
-    model.doc_string = ""
-    del model.metadata_props[:]
-    graph_clean(model.graph)
+    def strip_nodes(nodes: Any) -> None:
+        for node in nodes:
+            strip(node)
+            for attr in node.attribute:  # control flow (If, Loop, Scan) carries sub-graphs
+                attr.doc_string = ""
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    strip_graph(sub)
+
+    def strip_graph(graph: Any) -> None:
+        strip(graph)
+        for value in [*graph.input, *graph.output, *graph.value_info, *graph.initializer]:
+            strip(value)
+        strip_nodes(graph.node)
+
+    strip(model)
+    strip_graph(model.graph)
     for function in model.functions:
-        function.doc_string = ""
-        if hasattr(function, "metadata_props"):
-            del function.metadata_props[:]
-        for node in function.node:
-            node.doc_string = ""
-            del node.metadata_props[:]
+        strip(function)
+        strip_nodes(function.node)
     return model
 
 
