@@ -146,7 +146,7 @@ def test_clinical_metrics_recompute_from_predictions_csv(tone_task, tiny_ckpt, t
 
 
 def test_collapse_warning_fires_on_a_model_forced_to_predict_one_class(tone_task, tiny_ckpt, tmp_path, monkeypatch):
-    real = ft.predict
+    real = ft.class_probabilities
 
     def always_normal(model, lms, **kwargs):
         probs = real(model, lms, **kwargs)
@@ -154,7 +154,7 @@ def test_collapse_warning_fires_on_a_model_forced_to_predict_one_class(tone_task
         forced[:, 0] = 1.0
         return forced
 
-    monkeypatch.setattr(ft, "predict", always_normal)
+    monkeypatch.setattr(ft, "class_probabilities", always_normal)
     result = ft.finetune(_recipe(tmp_path), task="csv", data=tone_task, checkpoint=tiny_ckpt, progress=False)
     warnings = json.loads((result.run_dir / "metrics.json").read_text())["warnings"]
     assert any("predicts a single class (normal) for every test item" in w for w in warnings)

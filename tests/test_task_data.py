@@ -77,7 +77,8 @@ def test_leakage_official_warns_other_errors():
         Segment(Path("e.wav"), label=1, subject="101", split="test", item_id="e"),
     ]
     warnings = check_leakage(items, official=True)
-    assert len(warnings) == 1 and "156 (train/test)" in warnings[0] and "218" in warnings[0]
+    assert len(warnings) == 1 and "2 subject(s)" in warnings[0] and "2 in train/test" in warnings[0]
+    assert "156" not in warnings[0] and "218" not in warnings[0]  # shipped in the model card: no subject ids
     with pytest.raises(DataError, match=r"my\.csv: 2 subject\(s\).*156.*218"):
         check_leakage(items, official=False, source="my.csv")
     assert check_leakage(items[4:], official=False) == []
