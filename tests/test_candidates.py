@@ -212,3 +212,38 @@ def test_export_and_cli_with_the_recommended_baseline(compared, tone_csv, tmp_pa
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "no candidate 'nope'" in proc.stderr
     with pytest.raises(CheckpointError, match="--candidate picks"):
         load_model_set(compared / "full", candidate="linear")
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_compare_end_to_end_on_the_shared_icbhi_subset(tmp_path, icbhi_dir, tiny_ckpt):
+    """`m2dx finetune --mode compare` through the CLI on real recordings (tiny recipe, CPU, a subset)."""
+    from m2dx_clinic.audio import AUDIO_SUFFIXES
+
+    run = tmp_path / "run"
+    proc = subprocess.run([*CLI, "finetune", "--recipe", "tiny_compare_finetune", "--task", "icbhi", "--data",
+                           str(icbhi_dir), "--checkpoint", str(tiny_ckpt), "--out", str(run), "--epochs", "1",
+                           "--set", "data.max_items_per_split=64", "--set", f"data.cache_dir='{tmp_path / 'cache'}'"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = proc.stdout + proc.stderr  # the rich console writes to stderr
+    assert "Recommended:" in said and "best.pt is the" in said
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["candidates"]) == {"baseline", "linear", "full"} and metrics["recommended"] in metrics["candidates"]
+    assert (run / "best.pt").read_bytes() == (run / metrics["recommended"] / "best.pt").read_bytes()
+    pred = pd.read_csv(run / "predictions.csv")
+    classes, normal = metrics["classes"], metrics["normal_class_index"]
+    cols = [f"prob_{c}" for c in classes]
+    for kind, row in metrics["candidates"].items():
+        for split in ("val", "test"):
+            again = _recompute(pred[(pred["candidate"] == kind) & (pred["split"] == split)], classes, normal)
+            assert row[split]["values"]["score"] == pytest.approx(again["score"]), (kind, split)
+        rows = pred[(pred["candidate"] == kind) & (pred["split"] == "test")]
+        names = sorted(rows["recording"].unique())[:4]
+        files = [next(p for p in icbhi_dir.rglob(f"{n}.*") if p.suffix in AUDIO_SUFFIXES) for n in names]
+        got = predict(run, files, tmp_path / f"pred-{kind}", candidate=kind, progress=False).segments
+        got.index = [f"{Path(r).stem}#{s:03d}" for r, s in zip(got["recording"], got["segment"])]
+        expected = rows.set_index("item_id")[cols]
+        common = expected.index.intersection(got.index)
+        assert len(common) >= 3, kind
+        assert np.abs(got.loc[common, cols].to_numpy() - expected.loc[common].to_numpy()).max() < 1e-5, kind
