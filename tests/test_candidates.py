@@ -156,6 +156,8 @@ def test_compare_recommends_the_baseline_on_a_pure_tone(compared, capsys):
     base = metrics["candidates"]["baseline"]
     assert base["val"]["values"]["score"] == 1.0 and base["test"]["values"]["score"] == 1.0
     assert metrics["recommended"] == "baseline" and "log-mel baseline" in metrics["reason"]
+    assert all(base["val"]["values"]["score"] >= row["val"]["values"]["score"] for row in metrics["candidates"].values())
+    assert json.loads((compared / "candidates.json").read_text())["recommended"] == "baseline"
     assert (compared / "best.pt").read_bytes() == (compared / "baseline" / "best.pt").read_bytes()
     card = (compared / "MODEL_CARD.md").read_text()
     assert metrics["reason"] in card and all(k in card for k in ("baseline (recommended)", "linear", "full"))
@@ -204,6 +206,7 @@ def test_export_and_cli_with_the_recommended_baseline(compared, tone_csv, tmp_pa
     assert np.abs(got - expected).max() < 1e-5
     side = json.loads((tmp_path / "b.onnx.json").read_text())
     assert side["input"]["shape"][1:] == list(x.shape[1:]) and side["norm_stats"] == clf.meta["norm_stats"]
+    assert side["classifier_kind"] == "baseline" and "no encoder" in side["method"]
     back = load_safetensors_classifier(export_classifier(models, "safetensors", tmp_path / "b.safetensors"))
     for (name, a), (_, b) in zip(clf.model.state_dict().items(), back.model.state_dict().items()):
         assert torch.equal(a, b), name
@@ -212,6 +215,11 @@ def test_export_and_cli_with_the_recommended_baseline(compared, tone_csv, tmp_pa
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "no candidate 'nope'" in proc.stderr
     with pytest.raises(CheckpointError, match="--candidate picks"):
         load_model_set(compared / "full", candidate="linear")
+    from m2dx_clinic.weights import load_encoder
+
+    with pytest.raises(CheckpointError, match="no encoder"):  # m2dx embed -c: one line, not a traceback
+        load_encoder(compared / "best.pt")
+    assert load_encoder(compared / "linear" / "best.pt").config.embed_dim == 64  # the frozen encoder
 
 
 @pytest.mark.realdata
@@ -247,3 +255,13 @@ def test_compare_end_to_end_on_the_shared_icbhi_subset(tmp_path, icbhi_dir, tiny
         common = expected.index.intersection(got.index)
         assert len(common) >= 3, kind
         assert np.abs(got.loc[common, cols].to_numpy() - expected.loc[common].to_numpy()).max() < 1e-5, kind
+
+
+def test_bad_mode_and_candidate_flags_are_one_line(tmp_path, tone_csv, tiny_ckpt):
+    proc = subprocess.run([*CLI, "finetune", "--mode", "ensemble", "--task", "csv", "--data", str(tone_csv),
+                           "--checkpoint", str(tiny_ckpt), "--out", str(tmp_path / "r")], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --mode must be full, linear, baseline or compare, got 'ensemble'"]
+    with pytest.raises(Exception, match="test-best is for full fine-tuning"):
+        finetune(_recipe(tmp_path / "r2", "run.mode=linear", "run.selection=test-best"), task="csv", data=tone_csv,
+                 checkpoint=tiny_ckpt, progress=False)
