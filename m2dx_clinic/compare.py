@@ -81,7 +81,8 @@ def _candidate(kind: str, folder: Path, seconds: float, recipe: FinetuneRecipe) 
                               resamples=recipe.run.bootstrap, seed=recipe.run.seed)
     return {"method": METHOD_WORDS[kind], "folder": folder.name, "classifier": f"{folder.name}/best.pt",
             "val": val, "test": ensemble.get("test"), "operating_point": point, "seconds": seconds,
-            "repeats": metrics.get("repeats"), "warnings": metrics.get("warnings", [])}
+            "repeats": metrics.get("repeats"), "warnings": metrics.get("warnings", []),
+            "items": metrics.get("items"), "data_sha256": (metrics.get("data_fingerprint") or {}).get("sha256")}
 
 
 def _score(block: dict[str, Any] | None) -> float:
@@ -99,15 +100,19 @@ def recommend(candidates: dict[str, dict[str, Any]]) -> tuple[str, str]:
     chosen = next(k for k in order if _score(candidates[k]["val"]) >= low or k == best)
     pct = lambda k: f"{100 * _score(candidates[k]['val']):.1f} %"  # noqa: E731
     others = ", ".join(f"{NAMES[k]} {pct(k)}" for k in order if k != chosen)
-    if chosen == best:
+    tied = [k for k in order if k != chosen and _score(candidates[k]["val"]) == _score(candidates[chosen]["val"])]
+    after = "; the test recordings were scored once, after this choice."
+    if chosen == best and tied:
+        reason = (f"Recommended: {NAMES[chosen]}, because on the validation recordings, which no candidate was "
+                  f"trained on, it scored as well as any other (Score {pct(chosen)}; {others}) and it is the "
+                  f"simplest of them{after}")
+    elif chosen == best:
         reason = (f"Recommended: {NAMES[chosen]}, because it scored best on the validation recordings, which no "
-                  f"candidate was trained on (Score {pct(chosen)}; {others}); the test recordings were scored once, "
-                  "after this choice.")
+                  f"candidate was trained on (Score {pct(chosen)}; {others}){after}")
     else:
         reason = (f"Recommended: {NAMES[chosen]}, because its validation Score ({pct(chosen)}) is within the "
                   f"uncertainty of the best one ({NAMES[best]}, {pct(best)}, 95 % CI {100 * low:.1f}-"
-                  f"{100 * ci[1]:.1f} %), and a simpler model that does as well is easier to trust; the test "
-                  "recordings were scored once, after this choice.")
+                  f"{100 * ci[1]:.1f} %), and a simpler model that does about as well is easier to trust{after}")
     return chosen, reason
 
 
@@ -134,6 +139,8 @@ def compare_candidates(recipe: FinetuneRecipe, *, task: str, data: Path, checkpo
             t0 = time.perf_counter()
             finetune(sub, task=task, data=data, checkpoint=checkpoint, task_data=td, progress=progress)
             rows[kind] = _candidate(kind, run_dir / kind, time.perf_counter() - t0, recipe)
+        if len({row["data_sha256"] for row in rows.values()}) != 1:  # cannot happen: one task, one seed
+            raise ConfigError(f"{run_dir}: the candidates saw different items; this is a bug, please report it")
         chosen, reason = recommend(rows)
         atomic_link_or_copy(run_dir / chosen / SELECTED_FILE, run_dir / SELECTED_FILE)
         atomic_write_json(run_dir / COMPARISON_FILE, {"recommended": chosen, "candidates": {k: k for k in rows}})
@@ -142,7 +149,8 @@ def compare_candidates(recipe: FinetuneRecipe, *, task: str, data: Path, checkpo
         atomic_write_csv(run_dir / "predictions.csv", frame[["candidate", *[c for c in frame.columns if c != "candidate"]]])
         metrics = to_jsonable({
             "mode": "compare", "task": td.name, "classes": list(td.classes), "normal_class": td.classes[td.normal_class],
-            "normal_class_index": td.normal_class, "candidates": rows, "recommended": chosen, "reason": reason,
+            "normal_class_index": td.normal_class, "items": next(iter(rows.values()))["items"],
+            "data_sha256": next(iter(rows.values()))["data_sha256"], "candidates": rows, "recommended": chosen, "reason": reason,
             "rule": RULE, "selected": SELECTED_FILE, "package_version": __version__,
             "metrics_note": "each candidate's rows are in predictions.csv (column candidate); val and test are the mean "
                             "of its repeats' probabilities; val CIs by the subject bootstrap of evaluation/clinical",

@@ -70,8 +70,13 @@ def tone_csv(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory, tone_csv, tiny_ckpt) -> Path:
     """One comparison of the three candidates on the tone set (trained once for the module)."""
+    from m2dx_clinic.progress import console
+
     out = tmp_path_factory.mktemp("cmp") / "run"
-    return compare_candidates(_recipe(out), task="csv", data=tone_csv, checkpoint=tiny_ckpt, progress=True).run_dir
+    with console.capture() as said:
+        run = compare_candidates(_recipe(out), task="csv", data=tone_csv, checkpoint=tiny_ckpt, progress=True).run_dir
+    (run.parent / "console.txt").write_text(said.get())
+    return run
 
 
 def _recompute(rows: pd.DataFrame, classes: list[str], normal: int) -> dict[str, float]:
@@ -150,12 +155,35 @@ def test_linear_evaluation_reuses_cached_embeddings(tmp_path, tone_csv, tiny_ckp
 
 
 # ---------------------------------------------------------------------------- the comparison
+def _row(score: float, low: float, high: float) -> dict:
+    return {"val": {"values": {"score": score}, "ci95": {"score": [low, high]}}}
+
+
+@pytest.mark.parametrize("scores, chosen, words", [
+    ({"baseline": (0.60, 0.5, 0.7), "linear": (0.80, 0.7, 0.9), "full": (0.70, 0.6, 0.8)}, "linear", "scored best"),
+    ({"baseline": (0.50, 0.4, 0.6), "linear": (0.74, 0.6, 0.8), "full": (0.80, 0.72, 0.9)}, "linear",
+     "within the uncertainty of the best one (the fully fine-tuned encoder"),
+    ({"baseline": (0.50, 0.4, 0.6), "linear": (0.70, 0.6, 0.8), "full": (0.90, 0.85, 0.95)}, "full", "scored best"),
+    ({"baseline": (0.90, 0.8, 1.0), "linear": (0.90, 0.8, 1.0), "full": (0.95, 0.89, 1.0)}, "baseline", "within"),
+    ({"baseline": (0.70, 0.6, 0.8), "linear": (0.90, 0.8, 1.0), "full": (0.90, 0.8, 1.0)}, "linear",
+     "as well as any other"),
+])
+def test_the_recommendation_rule(scores, chosen, words):
+    from m2dx_clinic.compare import recommend
+
+    got, reason = recommend({k: _row(*v) for k, v in scores.items()})
+    assert got == chosen and words in reason and "test recordings were scored once" in reason
+
+
 def test_compare_recommends_the_baseline_on_a_pure_tone(compared, capsys):
     metrics = json.loads((compared / "metrics.json").read_text())
     assert set(metrics["candidates"]) == {"baseline", "linear", "full"}
     base = metrics["candidates"]["baseline"]
     assert base["val"]["values"]["score"] == 1.0 and base["test"]["values"]["score"] == 1.0
     assert metrics["recommended"] == "baseline" and "log-mel baseline" in metrics["reason"]
+    said = " ".join((compared.parent / "console.txt").read_text().split())  # the console says so plainly
+    assert "Recommended: the log-mel baseline" in said and "best.pt is the baseline candidate" in said
+    assert len({row["data_sha256"] for row in metrics["candidates"].values()}) == 1  # exactly the same items
     assert all(base["val"]["values"]["score"] >= row["val"]["values"]["score"] for row in metrics["candidates"].values())
     assert json.loads((compared / "candidates.json").read_text())["recommended"] == "baseline"
     assert (compared / "best.pt").read_bytes() == (compared / "baseline" / "best.pt").read_bytes()
