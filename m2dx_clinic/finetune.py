@@ -503,7 +503,7 @@ def finetune(
     try:
         epochs_log = EpochsLog(run.run_dir / "epochs.csv")  # readable while the run goes on
         epochs_log.extend([row for o in outcomes for row in o.epochs])
-        embeddings = split_embeddings(run, progress=progress) if mode == "linear" else None  # once for all repeats
+        embeddings = split_embeddings(run) if mode == "linear" else None  # once for all repeats
         for repeat in (k for k in range(total) if k not in kept):
             if embeddings is not None:
                 outcome = linear_repeat(prep, repeat, embeddings, score_test=score_test)

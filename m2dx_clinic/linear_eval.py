@@ -45,7 +45,7 @@ BASELINE_KIND = "baseline"
 
 # ---------------------------------------------------------------------------- embeddings, once
 def _embedding_key(run: FinetuneRun, split: str) -> str:
-    """The cache key of one split's embeddings: checkpoint file, items, segment rule, positions, precision."""
+    """The cache key of one split's embeddings: checkpoint file, items, segment rule, positions, normalisation."""
     prep = run.prepared
     ident = file_identity(Path(str(run.checkpoint)))
     recipe = prep.recipe
@@ -53,12 +53,16 @@ def _embedding_key(run: FinetuneRun, split: str) -> str:
         "checkpoint": [ident.path, ident.size, ident.mtime_ns] if ident else str(run.checkpoint),
         "items": run.task_data.fingerprint({split: run.splits[split]})["sha256"],
         "segment": [recipe.data.cycle_seconds, recipe.data.pad, recipe.model.adjust_pos],
-        "amp": str(prep.amp_dtype), "norm_stats": prep.encoder.norm_stats.tolist(),
+        "precision": "fp32", "norm_stats": prep.encoder.norm_stats.tolist(),
     })
 
 
-def split_embeddings(run: FinetuneRun, *, progress: bool = False) -> dict[str, np.ndarray]:
-    """Clip embeddings [N, F*D] (float32) of every split the run touches, read from or written to the cache."""
+def split_embeddings(run: FinetuneRun) -> dict[str, np.ndarray]:
+    """Clip embeddings [N, F*D] (float32) of every split the run touches, read from or written to the cache.
+
+    Always in fp32, whatever `run.amp` says: inference is cheap next to training, and `m2dx predict`
+    (fp32 by default) then reproduces the linear classifier's probabilities exactly.
+    """
     prep = run.prepared
     recipe = prep.recipe
     folder = cache_root(recipe.data.cache_dir) / EMBEDDINGS_DIR if recipe.data.disk_cache else None
@@ -71,7 +75,7 @@ def split_embeddings(run: FinetuneRun, *, progress: bool = False) -> dict[str, n
                 out[split] = cached
                 continue
         out[split] = clip_embeddings(prep.encoder, lms, batch_size=recipe.run.eval_batch_size, device=prep.device,
-                                     amp_dtype=prep.amp_dtype, adjust_pos=recipe.model.adjust_pos)
+                                     amp_dtype=None, adjust_pos=recipe.model.adjust_pos)
         if path is not None:
             atomic_save_npy(path, out[split])
     return out
