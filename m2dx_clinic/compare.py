@@ -80,7 +80,10 @@ def _candidate(kind: str, folder: Path, seconds: float, recipe: FinetuneRecipe) 
         val = clinical_report(probs, labels, groups, classes, normal, point["threshold"] if point else None,
                               resamples=recipe.run.bootstrap, seed=recipe.run.seed)
     return {"method": METHOD_WORDS[kind], "folder": folder.name, "classifier": f"{folder.name}/best.pt",
-            "val": val, "test": ensemble.get("test"), "operating_point": point, "seconds": seconds,
+            "val": val, "test": ensemble.get("test"), "operating_point": point,
+            # from the prepared segments to the written outputs (the embeddings of linear evaluation included);
+            # reading the audio is shared (the first candidate decodes, the others read the cache): wall_seconds
+            "seconds": float(metrics.get("seconds", seconds)), "wall_seconds": seconds,
             "repeats": metrics.get("repeats"), "warnings": metrics.get("warnings", []),
             "items": metrics.get("items"), "data_sha256": (metrics.get("data_fingerprint") or {}).get("sha256")}
 
@@ -152,6 +155,8 @@ def compare_candidates(recipe: FinetuneRecipe, *, task: str, data: Path, checkpo
             "normal_class_index": td.normal_class, "items": next(iter(rows.values()))["items"],
             "data_sha256": next(iter(rows.values()))["data_sha256"], "candidates": rows, "recommended": chosen, "reason": reason,
             "rule": RULE, "selected": SELECTED_FILE, "package_version": __version__,
+            "seconds_note": "seconds: each candidate's own work, from the prepared segments to its written outputs; "
+                            "wall_seconds adds loading the checkpoint and reading the audio (cached after the first)",
             "metrics_note": "each candidate's rows are in predictions.csv (column candidate); val and test are the mean "
                             "of its repeats' probabilities; val CIs by the subject bootstrap of evaluation/clinical",
         })
