@@ -19,6 +19,7 @@ comparison's model card.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -67,8 +68,6 @@ def _ensemble(frame: pd.DataFrame, split: str, classes: list[str]) -> tuple[np.n
 
 def _candidate(kind: str, folder: Path, seconds: float, recipe: FinetuneRecipe) -> dict[str, Any]:
     """One row of the comparison: validation Score with its bootstrap CI, test metrics, time, files."""
-    import json
-
     metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
     frame = pd.read_csv(folder / "predictions.csv")
     classes, normal = metrics["classes"], int(metrics["normal_class_index"])
@@ -145,13 +144,15 @@ def compare_candidates(recipe: FinetuneRecipe, *, task: str, data: Path, checkpo
         if len({row["data_sha256"] for row in rows.values()}) != 1:  # cannot happen: one task, one seed
             raise ConfigError(f"{run_dir}: the candidates saw different items; this is a bug, please report it")
         chosen, reason = recommend(rows)
+        provenance = json.loads((run_dir / chosen / "metrics.json").read_text(encoding="utf-8")).get("provenance") or {}
         atomic_link_or_copy(run_dir / chosen / SELECTED_FILE, run_dir / SELECTED_FILE)
         atomic_write_json(run_dir / COMPARISON_FILE, {"recommended": chosen, "candidates": {k: k for k in rows}})
         frames = [pd.read_csv(run_dir / k / "predictions.csv").assign(candidate=k) for k in rows]
         frame = pd.concat(frames, ignore_index=True)
         atomic_write_csv(run_dir / "predictions.csv", frame[["candidate", *[c for c in frame.columns if c != "candidate"]]])
         metrics = to_jsonable({
-            "mode": "compare", "task": td.name, "classes": list(td.classes), "normal_class": td.classes[td.normal_class],
+            "mode": "compare", "task": td.name, "name": provenance.get("name") or td.name, "provenance": provenance,
+            "command": f"m2dx finetune --mode compare --task {task} --data {data} --checkpoint {checkpoint}", "classes": list(td.classes), "normal_class": td.classes[td.normal_class],
             "normal_class_index": td.normal_class, "items": next(iter(rows.values()))["items"],
             "data_sha256": next(iter(rows.values()))["data_sha256"], "candidates": rows, "recommended": chosen, "reason": reason,
             "rule": RULE, "selected": SELECTED_FILE, "package_version": __version__,

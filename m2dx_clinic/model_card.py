@@ -262,7 +262,9 @@ def write_model_card(run_dir: Path, metrics: dict[str, Any], task_data: TaskData
 def write_comparison_card(run_dir: Path, metrics: dict[str, Any]) -> tuple[Path, Path]:
     """The card of `m2dx finetune --mode compare`: which candidate to use and why, in one sentence, then every
     candidate next to the others (validation, which chose, and test, scored once) and where each one's own card is."""
-    doc = Document(f"Model card: which classifier to use for {metrics['task']} ({', '.join(metrics['classes'])})")
+    # named as the candidates' own cards are (provenance: never the CSV's file name in clean mode)
+    doc = Document(f"Model card: which classifier to use for {metrics.get('name') or metrics['task']} "
+                   f"({', '.join(metrics['classes'])})")
     doc.heading("Recommendation")
     doc.paragraph(str(metrics["reason"]))
     doc.paragraph(f"{metrics['selected']} in this folder is that classifier ({metrics['recommended']}); "

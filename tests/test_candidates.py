@@ -189,6 +189,8 @@ def test_compare_recommends_the_baseline_on_a_pure_tone(compared, capsys):
     assert (compared / "best.pt").read_bytes() == (compared / "baseline" / "best.pt").read_bytes()
     card = (compared / "MODEL_CARD.md").read_text()
     assert metrics["reason"] in card and all(k in card for k in ("baseline (recommended)", "linear", "full"))
+    assert card.splitlines()[0].startswith(f"# Model card: which classifier to use for {metrics['name']} (")
+    assert metrics["name"].startswith("csv-") and str(compared) not in card  # named by fingerprint, no paths
     # every candidate's numbers recompute from the comparison's predictions.csv
     pred = pd.read_csv(compared / "predictions.csv")
     for kind, row in metrics["candidates"].items():
