@@ -44,7 +44,7 @@ from .finetune_run import FinetuneRun, Prepared, RepeatOutcome
 from .finetune_outputs import (REPEATS_DIR, SCORE_KEYS, EpochsLog, FinetuneResult, finished_repeats, save_repeat_classifier,
                                outcome_fields, resume_command, save_repeat_record, shippable_recipe,
                                write_outputs)
-from .metrics import icbhi_scores
+from .metrics import probability_scores as evaluate  # noqa: F401 (evaluate: the loop's name for it)
 from .models.classifier import Classifier
 from .models.cpu_kernels import use_fast_cpu_kernels
 from .models.vit import AudioViT
@@ -152,16 +152,6 @@ def backward_batch(
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += per_sample.detach().sum()
     return float(total) / max(n, 1), n
-
-
-def evaluate(probs: torch.Tensor, labels: Sequence[int], *, normal_class: int, num_classes: int) -> dict[str, Any]:
-    """ICBHI scores of argmax predictions plus the mean cross-entropy ('loss')."""
-    y = torch.as_tensor(list(labels), dtype=torch.long)
-    pred = probs.argmax(dim=1)
-    scores = icbhi_scores(y.numpy(), pred.numpy(), normal_class=normal_class, num_classes=num_classes)
-    picked = probs[torch.arange(len(y)), y] if len(y) else torch.zeros(0)
-    scores["loss"] = float(-(picked.clamp_min(1e-12).log()).mean()) if len(y) else math.nan
-    return scores
 
 
 # ---------------------------------------------------------------------------- one repeat

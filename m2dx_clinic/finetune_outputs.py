@@ -40,7 +40,6 @@ from .fileio import atomic_link_or_copy, atomic_write_csv, atomic_write_json, to
 from .evaluation.ood import profile_of
 from .metrics import aggregate_runs, official_block
 from .model_card import write_model_card
-from .models.classifier import Classifier
 from .progress import console, environment_facts
 from .provenance import Provenance
 from .recipes import selection_label
@@ -181,7 +180,7 @@ def classifier_meta(run: FinetuneRun, outcome: RepeatOutcome) -> dict[str, Any]:
     }))
 
 
-def save_repeat_classifier(run: FinetuneRun, outcome: RepeatOutcome, model: Any) -> Path:
+def save_repeat_classifier(run: FinetuneRun, outcome: RepeatOutcome, model: Any) -> Path:  # a Classifier or a LogMelStatsClassifier
     """`classifiers/<published-convention folder>/repeat-<k>.pt` for one repeat's selected weights
     (`classifiers/logmel-baseline/` for a baseline, which has no encoder); the outcome's extra metadata
     and tensors (a linear fit's standardisation and coefficients) go into the file too."""

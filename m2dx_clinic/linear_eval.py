@@ -34,7 +34,7 @@ from .fileio import atomic_save_npy, file_identity, json_sha256
 from .finetune_outputs import METHOD_WORDS
 from .finetune_run import FinetuneRun, Prepared, RepeatOutcome
 from .inference import class_probabilities, clip_embeddings
-from .metrics import icbhi_scores
+from .metrics import probability_scores
 from .models.baseline import LogMelStatsClassifier
 from .models.classifier import Classifier
 
@@ -84,11 +84,7 @@ def split_embeddings(run: FinetuneRun) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------- one repeat
 def _judge(probs: torch.Tensor, labels: list[int], prep: Prepared) -> dict[str, Any]:
     """ICBHI scores of argmax predictions and the mean cross-entropy, as the fine-tuning loop reports them."""
-    y = torch.as_tensor(labels, dtype=torch.long)
-    scores = icbhi_scores(y.numpy(), probs.argmax(dim=1).numpy(), normal_class=prep.normal_class,
-                          num_classes=len(prep.classes))
-    scores["loss"] = float(-(probs[torch.arange(len(y)), y].clamp_min(1e-12).log()).mean()) if len(y) else float("nan")
-    return scores
+    return probability_scores(probs, labels, normal_class=prep.normal_class, num_classes=len(prep.classes))
 
 
 def _outcome(prep: Prepared, repeat: int, fitted: LinearFit, probs: dict[str, torch.Tensor], state: dict[str, Any],
