@@ -180,10 +180,10 @@ def classifier_meta(run: FinetuneRun, outcome: RepeatOutcome) -> dict[str, Any]:
     }))
 
 
-def save_repeat_classifier(run: FinetuneRun, outcome: RepeatOutcome, model: Any) -> Path:  # a Classifier or a LogMelStatsClassifier
-    """`classifiers/<published-convention folder>/repeat-<k>.pt` for one repeat's selected weights
-    (`classifiers/logmel-baseline/` for a baseline, which has no encoder); the outcome's extra metadata
-    and tensors (a linear fit's standardisation and coefficients) go into the file too."""
+def save_repeat_classifier(run: FinetuneRun, outcome: RepeatOutcome, model: Any) -> Path:
+    """`classifiers/<published-convention folder>/repeat-<k>.pt` for one repeat's selected model (a Classifier;
+    a baseline's LogMelStatsClassifier goes to `classifiers/logmel-baseline/`, having no encoder); the outcome's
+    extra metadata and tensors (a linear fit's standardisation and coefficients) go into the file too."""
     name = "logmel-baseline" if outcome.kind == "baseline" else classifier_folder_name(run.prepared.encoder.config)
     meta = {**classifier_meta(run, outcome), **run.provenance.scrub(to_jsonable(outcome.extra_meta or {}))}
     return save_classifier(model, meta, run.run_dir / CLASSIFIERS_DIR / name / f"repeat-{outcome.repeat}.pt",
