@@ -240,6 +240,11 @@ def test_export_and_cli_with_the_recommended_baseline(compared, tone_csv, tmp_pa
     back = load_safetensors_classifier(export_classifier(models, "safetensors", tmp_path / "b.safetensors"))
     for (name, a), (_, b) in zip(clf.model.state_dict().items(), back.model.state_dict().items()):
         assert torch.equal(a, b), name
+    proc = subprocess.run([*CLI, "export", "--model", str(compared), "--candidate", "linear", "--format", "safetensors",
+                           "--out", str(tmp_path / "lin.safetensors")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lin = load_safetensors_classifier(tmp_path / "lin.safetensors")
+    assert lin.kind == "linear" and lin.model.encoder.config.embed_dim == 64
     proc = subprocess.run([*CLI, "predict", "--model", str(compared), "--candidate", "nope", "--out",
                            str(tmp_path / "o"), str(tone_csv.parent / "s19_tone.wav")], capture_output=True, text=True)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "no candidate 'nope'" in proc.stderr
