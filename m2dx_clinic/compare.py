@@ -149,12 +149,15 @@ def compare_candidates(recipe: FinetuneRecipe, *, task: str, data: Path, checkpo
         atomic_write_json(run_dir / COMPARISON_FILE, {"recommended": chosen, "candidates": {k: k for k in rows}})
         frames = [pd.read_csv(run_dir / k / "predictions.csv").assign(candidate=k) for k in rows]
         frame = pd.concat(frames, ignore_index=True)
-        atomic_write_csv(run_dir / "predictions.csv", frame[["candidate", *[c for c in frame.columns if c != "candidate"]]])
+        columns = ["candidate", *[c for c in frame.columns if c != "candidate"]]
+        atomic_write_csv(run_dir / "predictions.csv", frame[columns])
+        first = next(iter(rows.values()))
         metrics = to_jsonable({
             "mode": "compare", "task": td.name, "name": provenance.get("name") or td.name, "provenance": provenance,
-            "command": f"m2dx finetune --mode compare --task {task} --data {data} --checkpoint {checkpoint}", "classes": list(td.classes), "normal_class": td.classes[td.normal_class],
-            "normal_class_index": td.normal_class, "items": next(iter(rows.values()))["items"],
-            "data_sha256": next(iter(rows.values()))["data_sha256"], "candidates": rows, "recommended": chosen, "reason": reason,
+            "command": f"m2dx finetune --mode compare --task {task} --data {data} --checkpoint {checkpoint}",
+            "classes": list(td.classes), "normal_class": td.classes[td.normal_class],
+            "normal_class_index": td.normal_class, "items": first["items"], "data_sha256": first["data_sha256"],
+            "candidates": rows, "recommended": chosen, "reason": reason,
             "rule": RULE, "selected": SELECTED_FILE, "package_version": __version__,
             "seconds_note": "seconds: each candidate's own work, from the prepared segments to its written outputs; "
                             "wall_seconds adds loading the checkpoint and reading the audio (cached after the first)",
