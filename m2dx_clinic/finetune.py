@@ -490,6 +490,9 @@ def finetune(
     kept = {k: r for k, r in finished_repeats(run.run_dir).items() if k < total} if resume else {}
     outcomes = [RepeatOutcome(**outcome_fields(kept[k], run.run_dir)) for k in sorted(kept)]
     mode = prep.recipe.run.mode
+    if mode in ("linear", "baseline") and total > 1:
+        run.notes.append(f"run.mode={mode}: the logistic regression is fitted deterministically (lbfgs), so its "
+                         f"{total} repeats are the same classifier; run.repeats=1 is enough")
     try:
         epochs_log = EpochsLog(run.run_dir / "epochs.csv")  # readable while the run goes on
         epochs_log.extend([row for o in outcomes for row in o.epochs])
