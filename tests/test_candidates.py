@@ -104,6 +104,39 @@ def _predict_matches(run: Path, data_dir: Path, out: Path) -> float:
     return float(np.abs(got.loc[expected.index, cols].to_numpy() - expected.to_numpy()).max())
 
 
+# ---------------------------------------------------------------------------- the fit as arrays
+@pytest.mark.parametrize("present", [[0, 1], [0, 2, 3], [0, 1, 2, 3]])
+def test_linear_fit_arrays_give_scikit_learns_probabilities(present):
+    """Binary, multinomial and a class absent from training: the arrays reproduce predict_proba."""
+    from m2dx_clinic.evaluation.linear import fit_linear
+
+    rng = np.random.default_rng(1)
+    y = rng.choice(present, size=60)
+    x = rng.normal(size=(60, 5)) + y[:, None] * 0.7
+    x[:, 4] = 3.0  # a constant feature: scale 1, as scikit-learn does
+    fitted = fit_linear({"train": x}, {"train": y}, num_classes=4, normal=0, balanced=True, c_grid=(0.5,))
+    scaler = StandardScaler().fit(x)
+    lr = LogisticRegression(C=0.5, max_iter=2000, class_weight="balanced").fit(scaler.transform(x), y)
+    theirs = np.zeros((60, 4))
+    theirs[:, lr.classes_] = lr.predict_proba(scaler.transform(x))
+    np.testing.assert_allclose(fitted.probabilities(x), theirs, atol=1e-8)
+    weight, bias = fitted.folded()  # the standardisation folded into one linear layer
+    np.testing.assert_allclose(x @ weight.T + bias, fitted.logits(x), atol=1e-8)
+    assert fitted.scale[4] == 1.0 and fitted.C == 0.5
+
+
+def test_the_baseline_model_computes_the_baselines_features():
+    """LogMelStatsClassifier (torch, from the normalised input) = evaluation.baseline.logmel_statistics (numpy)."""
+    from m2dx_clinic.evaluation.baseline import logmel_statistics
+    from m2dx_clinic.models.baseline import LogMelStatsClassifier
+
+    lms = torch.randn(5, 80, 201) * 3.0 - 6.0  # raw log-mel [N, n_mels, frames]
+    model = LogMelStatsClassifier(80, 3, norm_stats=(-6.0, 4.0))
+    with torch.inference_mode():
+        ours = model.features(model.normalize(lms).unsqueeze(1)).double().numpy()
+    np.testing.assert_allclose(ours, logmel_statistics(lms), rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------- linear evaluation
 def test_linear_evaluation_is_a_classifier_that_recomputes_and_predicts(tmp_path, tone_csv, tiny_ckpt):
     run = finetune(_recipe(tmp_path / "run", "run.mode=linear"), task="csv", data=tone_csv, checkpoint=tiny_ckpt,
