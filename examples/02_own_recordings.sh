@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# 2. Bring your own recordings: further-pretrain -> report -> tune -> finetune -> predict on YOUR data.
+# 2. Bring your own recordings: further-pretrain -> report -> compare candidates -> tune -> finetune -> predict on YOUR data.
 #
 # Layout. Either a folder of audio (wav/flac/ogg/mp3, any rate, any channels; searched recursively) for
 # pre-training, plus a CSV of labels for fine-tuning, e.g. my_labels.csv:
@@ -33,6 +33,12 @@ $M2DX data export --task csv --data "$LABELS" --split train --recordings -o "$WO
 $M2DX further-pretrain --recipe tiny_cpu --data "$WORK/pretrain_files.csv" --noise "$NOISE" --out "$WORK/pretrain" --epochs 4 --save-every 2
 $M2DX report "$WORK/pretrain" --task csv --data "$LABELS" --normal-class normal --probe
 CKPT=$(ls "$WORK"/pretrain/m2d_*/checkpoint-4.pth)
+# First on a new data set: which classifier is best for it? The log-mel baseline, linear evaluation of the
+# frozen encoder and the full fine-tune on the same items; the best on validation becomes compare/best.pt
+# and compare/MODEL_CARD.md says why in one sentence (any published checkpoint works here too).
+$M2DX finetune --mode compare --recipe tiny_compare_finetune --task csv --data "$LABELS" --normal-class normal \
+    --checkpoint "$CKPT" --out "$WORK/compare"
+$M2DX predict --model "$WORK/compare" "$DATA" --out "$WORK/predictions_recommended"   # --candidate linear|full|baseline
 $M2DX tune --task csv --data "$LABELS" --normal-class normal --checkpoint "$CKPT" --recipe tiny_tune --trials 4 --out "$WORK/tune"
 $M2DX finetune --task csv --data "$LABELS" --normal-class normal --checkpoint "$CKPT" --recipe tiny_finetune \
     --params "$WORK/tune/best.toml" --repeats 2 --out "$WORK/finetune"

@@ -80,6 +80,7 @@ def sidecar(model: LoadedClassifier | ModelSet, fmt: str, provenance: Provenance
         "normal_class_index": clf.normal_index, "frontend": meta["frontend"], "segment": meta["segment"],
         "norm_stats": meta["norm_stats"], "operating_point": models.operating_point,
         "members": len(models.members), "classifier": what_is_exported(models),
+        "classifier_kind": clf.kind, "method": meta.get("method") or "the pre-trained encoder fine-tuned with a linear head",
         "input": {"name": "lms", "shape": ["batch", 1, clf.frontend.n_mels, input_frames(clf)],
                   "meaning": "normalised log-mel of one fitted segment: (log-mel - norm_stats[0]) / norm_stats[1]"},
         "output": {"name": "probs", "meaning": "class probabilities, in the order of `classes`"

@@ -39,11 +39,12 @@ from .data.task_data import TaskData, resolve_normal_class
 from .errors import ConfigError, DataError
 from .fileio import file_identity
 from .inference import class_probabilities
+from .linear_eval import baseline_repeat, empty_model, linear_repeat, split_embeddings
 from .finetune_run import FinetuneRun, Prepared, RepeatOutcome
 from .finetune_outputs import (REPEATS_DIR, SCORE_KEYS, EpochsLog, FinetuneResult, finished_repeats, save_repeat_classifier,
                                outcome_fields, resume_command, save_repeat_record, shippable_recipe,
                                write_outputs)
-from .metrics import icbhi_scores
+from .metrics import probability_scores as evaluate  # noqa: F401 (evaluate: the loop's name for it)
 from .models.classifier import Classifier
 from .models.cpu_kernels import use_fast_cpu_kernels
 from .models.vit import AudioViT
@@ -151,16 +152,6 @@ def backward_batch(
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += per_sample.detach().sum()
     return float(total) / max(n, 1), n
-
-
-def evaluate(probs: torch.Tensor, labels: Sequence[int], *, normal_class: int, num_classes: int) -> dict[str, Any]:
-    """ICBHI scores of argmax predictions plus the mean cross-entropy ('loss')."""
-    y = torch.as_tensor(list(labels), dtype=torch.long)
-    pred = probs.argmax(dim=1)
-    scores = icbhi_scores(y.numpy(), pred.numpy(), normal_class=normal_class, num_classes=num_classes)
-    picked = probs[torch.arange(len(y)), y] if len(y) else torch.zeros(0)
-    scores["loss"] = float(-(picked.clamp_min(1e-12).log()).mean()) if len(y) else math.nan
-    return scores
 
 
 # ---------------------------------------------------------------------------- one repeat
@@ -432,6 +423,8 @@ def prepare_run(
         remove_stale_temp_files(run_dir)
         recipe = copy.deepcopy(recipe)
         recipe.run.out = str(run_dir)
+        if recipe.run.mode == "baseline":  # the run's classifier is the baseline: no second copy beside it
+            recipe.run.baseline = False
         cache = cache_root(recipe.data.cache_dir) / "cycles" if recipe.data.disk_cache else None
         lms: dict[str, SegmentArrays] = {}
         for split, items in splits.items():
@@ -486,6 +479,9 @@ def finetune(
     With `score_test=False` the test split is never read (the tuner relies on this). `resume=True` keeps
     the finished repeats of an interrupted run (`repeats/`); Ctrl-C says where the run stands.
     """
+    if recipe.run.mode == "compare":
+        raise ConfigError("run.mode=compare trains three candidates; run it with m2dx finetune --mode compare "
+                          "(compare.compare_candidates), or pick full, linear or baseline")
     run = prepare_run(recipe, task=task, data=data, checkpoint=checkpoint, normal_class=normal_class,
                       score_test=score_test, has_callback=epoch_callback is not None, progress=progress,
                       task_data=task_data, resume=resume)
@@ -493,15 +489,29 @@ def finetune(
     total = prep.recipe.run.repeats
     kept = {k: r for k, r in finished_repeats(run.run_dir).items() if k < total} if resume else {}
     outcomes = [RepeatOutcome(**outcome_fields(kept[k], run.run_dir)) for k in sorted(kept)]
+    mode = prep.recipe.run.mode
+    if mode in ("linear", "baseline") and total > 1:
+        run.notes.append(f"run.mode={mode}: the logistic regression is fitted deterministically (lbfgs), so its "
+                         f"{total} repeats are the same classifier; run.repeats=1 is enough")
     try:
         epochs_log = EpochsLog(run.run_dir / "epochs.csv")  # readable while the run goes on
         epochs_log.extend([row for o in outcomes for row in o.epochs])
+        embeddings = split_embeddings(run) if mode == "linear" else None  # once for all repeats
         for repeat in (k for k in range(total) if k not in kept):
-            # Tuning trials (score_test=False) keep no weights: a classifier file per trial would fill the disk.
-            outcome = run_repeat(prep, repeat, score_test=score_test, epoch_callback=epoch_callback,
-                                 keep_state=score_test, on_epoch=epochs_log.append, progress=progress)
+            if embeddings is not None:
+                outcome = linear_repeat(prep, repeat, embeddings, score_test=score_test)
+                epochs_log.extend(outcome.epochs)
+            elif mode == "baseline":
+                outcome = baseline_repeat(prep, repeat, score_test=score_test)
+                epochs_log.extend(outcome.epochs)
+            else:  # Tuning trials (score_test=False) keep no weights: a classifier file per trial would fill the disk.
+                outcome = run_repeat(prep, repeat, score_test=score_test, epoch_callback=epoch_callback,
+                                     keep_state=score_test, on_epoch=epochs_log.append, progress=progress)
+            if outcome.best_state is not None and not score_test:
+                outcome.best_state = None
             if outcome.best_state is not None:
-                model = build_classifier(prep.encoder, len(prep.classes), prep.recipe)
+                model = (build_classifier(prep.encoder, len(prep.classes), prep.recipe) if outcome.kind == "full"
+                         else empty_model(prep, outcome.kind))
                 model.load_state_dict(outcome.best_state)
                 outcome.classifier = save_repeat_classifier(run, outcome, model.cpu().eval())
                 outcome.best_state = None  # written: free the memory before the next repeat

@@ -40,12 +40,18 @@ from .fileio import atomic_link_or_copy, atomic_write_csv, atomic_write_json, to
 from .evaluation.ood import profile_of
 from .metrics import aggregate_runs, official_block
 from .model_card import write_model_card
-from .models.classifier import Classifier
 from .progress import console, environment_facts
 from .provenance import Provenance
 from .recipes import selection_label
 
 SCORE_KEYS = ("sp", "se", "score", "accuracy")
+METHOD_WORDS = {  # what the run's classifier is, in the words metrics.json and the model card use
+    "full": "the whole pre-trained encoder fine-tuned with a linear head",
+    "linear": "linear evaluation: the frozen pre-trained encoder's clip embedding -> standardise -> logistic "
+              "regression (C chosen on validation)",
+    "baseline": "per-band log-mel mean / std / delta std -> standardise -> logistic regression (no encoder; "
+                "C chosen on validation)",
+}
 CLASSIFIERS_DIR = "classifiers"
 SELECTED_CLASSIFIER = "best.pt"
 
@@ -174,11 +180,14 @@ def classifier_meta(run: FinetuneRun, outcome: RepeatOutcome) -> dict[str, Any]:
     }))
 
 
-def save_repeat_classifier(run: FinetuneRun, outcome: RepeatOutcome, model: Classifier) -> Path:
-    """`classifiers/<published-convention folder>/repeat-<k>.pt` for one repeat's selected weights."""
-    folder = run.run_dir / CLASSIFIERS_DIR / classifier_folder_name(run.prepared.encoder.config)
-    return save_classifier(model, classifier_meta(run, outcome), folder / f"repeat-{outcome.repeat}.pt",
-                           epoch=outcome.selected_epoch)
+def save_repeat_classifier(run: FinetuneRun, outcome: RepeatOutcome, model: Any) -> Path:
+    """`classifiers/<published-convention folder>/repeat-<k>.pt` for one repeat's selected model (a Classifier;
+    a baseline's LogMelStatsClassifier goes to `classifiers/logmel-baseline/`, having no encoder); the outcome's
+    extra metadata and tensors (a linear fit's standardisation and coefficients) go into the file too."""
+    name = "logmel-baseline" if outcome.kind == "baseline" else classifier_folder_name(run.prepared.encoder.config)
+    meta = {**classifier_meta(run, outcome), **run.provenance.scrub(to_jsonable(outcome.extra_meta or {}))}
+    return save_classifier(model, meta, run.run_dir / CLASSIFIERS_DIR / name / f"repeat-{outcome.repeat}.pt",
+                           epoch=outcome.selected_epoch, extra=outcome.extra_tensors)
 
 
 REPEATS_DIR = "repeats"
@@ -376,6 +385,8 @@ def write_outputs(run: FinetuneRun, outcomes: Sequence[RepeatOutcome], *, progre
         "checkpoint_resolved": str(checkpoint_path.resolve()) if checkpoint_path.exists() else None,
         "selection": label,
         "selection_mode": recipe.run.selection,
+        "mode": recipe.run.mode,
+        "method": METHOD_WORDS[recipe.run.mode],
         "test_scored": scored_test,
         "aggregate_split": agg_split,
         "classes": classes,

@@ -36,6 +36,9 @@ class RepeatOutcome:
     test_probs: torch.Tensor | None
     best_state: dict[str, torch.Tensor] | None
     classifier: Path | None = None  # the repeat's classifier file, once written
+    kind: str = "full"  # full (fine-tuned), linear (frozen encoder + logistic regression) or baseline (log-mel)
+    extra_meta: dict[str, Any] | None = None  # what the classifier file says besides `classifier_meta`
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None  # stored beside the model (the fit's arrays)
 
 
 @dataclass

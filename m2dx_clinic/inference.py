@@ -134,11 +134,11 @@ def _batches(lms: SegmentArrays | np.ndarray | torch.Tensor, batch_size: int,
 
 
 @torch.inference_mode()
-def class_probabilities(model: Classifier, lms: SegmentArrays | torch.Tensor, *, batch_size: int,
+def class_probabilities(model: Classifier | torch.nn.Module, lms: SegmentArrays | torch.Tensor, *, batch_size: int,
                         device: torch.device, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Class probabilities [N, K] (float32, CPU) for raw log-mel [N, n_mels, frames].
 
-    Each sample is normalised on its own with the encoder's fixed statistics, so the result does
+    Each sample is normalised on its own with the model's fixed statistics (`model.normalize`), so the result does
     not depend on `batch_size` or on which other samples share the batch.
     """
     was_training = model.training
@@ -146,7 +146,7 @@ def class_probabilities(model: Classifier, lms: SegmentArrays | torch.Tensor, *,
     probs = []
     for x in _batches(lms, batch_size, device):
         with autocast(device, amp_dtype):
-            logits = model(model.encoder.normalize(x).unsqueeze(1))  # [B, K]
+            logits = model(model.normalize(x).unsqueeze(1))  # [B, K]
         probs.append(F.softmax(logits.float(), dim=-1).cpu())
     model.train(was_training)
     return torch.cat(probs) if probs else torch.zeros(0, model.num_classes)
@@ -163,7 +163,7 @@ def mean_probabilities(models: Sequence[Classifier], lms: SegmentArrays | torch.
 @torch.inference_mode()
 def clip_embeddings(encoder: AudioViT, lms: np.ndarray | torch.Tensor, *, norm_stats: Sequence[float] | None = None,
                     batch_size: int = 32, device: str | torch.device | None = None,
-                    amp_dtype: torch.dtype | None = None) -> np.ndarray:
+                    amp_dtype: torch.dtype | None = None, adjust_pos: bool = False) -> np.ndarray:
     """Raw log-mel [N, n_mels, frames] -> one vector per clip [N, F*D]: mean over time of `encode_lms`.
 
     `norm_stats` (mean, std) overrides the encoder's own buffer; the report normalises every
@@ -176,6 +176,6 @@ def clip_embeddings(encoder: AudioViT, lms: np.ndarray | torch.Tensor, *, norm_s
         x = x.unsqueeze(1)  # [B, 1, n_mels, frames]
         x = (x - float(norm_stats[0])) / float(norm_stats[1]) if norm_stats is not None else encoder.normalize(x)
         with autocast(dev, amp_dtype):
-            features = encoder.encode_lms(x)  # [B, T', F*D]
+            features = encoder.encode_lms(x, adjust_pos=adjust_pos)  # [B, T', F*D]
         out.append(features.mean(dim=1).float().cpu().numpy())
     return np.concatenate(out, axis=0) if out else np.zeros((0, encoder.frame_feature_dim), dtype=np.float32)

@@ -168,3 +168,19 @@ def aggregate_runs(
         half = t_critical_95(n - 1) * std / math.sqrt(n) if n > 1 else math.nan
         out[key] = {"mean": mean, "std": std, "n": n, "ci95": float(half)}
     return out
+
+
+def probability_scores(probs: "torch.Tensor", labels: Sequence[int], *, normal_class: int,
+                       num_classes: int) -> dict:
+    """ICBHI scores of argmax predictions of probabilities [N, K] plus their mean cross-entropy ('loss').
+
+    What every epoch of fine-tuning and every linear-evaluation or baseline fit reports per split.
+    """
+    import torch
+
+    y = torch.as_tensor(list(labels), dtype=torch.long)
+    pred = probs.argmax(dim=1)
+    scores = icbhi_scores(y.numpy(), pred.numpy(), normal_class=normal_class, num_classes=num_classes)
+    picked = probs[torch.arange(len(y)), y] if len(y) else torch.zeros(0)
+    scores["loss"] = float(-(picked.clamp_min(1e-12).log()).mean()) if len(y) else math.nan
+    return scores

@@ -142,6 +142,8 @@ def build_model_card(metrics: dict[str, Any], task_data: TaskData, splits: dict[
 
     doc.heading("Verdict")
     doc.paragraph(verdict(metrics, split))
+    if metrics.get("mode") in ("linear", "baseline"):
+        doc.paragraph(f"What it is: {metrics.get('method')}.")
     doc.paragraph(f"It sorts fixed-length segments of body-sound recordings into {len(classes)} classes "
                   f"({', '.join(classes)}; '{normal}' is the normal class). It is NOT a diagnostic device.")
 
@@ -253,5 +255,33 @@ def write_model_card(run_dir: Path, metrics: dict[str, Any], task_data: TaskData
     """MODEL_CARD.md and model_card.html in `run_dir`, atomically; returns both paths."""
     images = [p.name for p in sorted(run_dir.glob("*.png"))]
     doc = build_model_card(metrics, task_data, splits, images)
+    return (atomic_write_text(run_dir / MODEL_CARD_MD, doc.markdown()),
+            atomic_write_text(run_dir / MODEL_CARD_HTML, doc.html()))
+
+
+def write_comparison_card(run_dir: Path, metrics: dict[str, Any]) -> tuple[Path, Path]:
+    """The card of `m2dx finetune --mode compare`: which candidate to use and why, in one sentence, then every
+    candidate next to the others (validation, which chose, and test, scored once) and where each one's own card is."""
+    # named as the candidates' own cards are (provenance: never the CSV's file name in clean mode)
+    doc = Document(f"Model card: which classifier to use for {metrics.get('name') or metrics['task']} "
+                   f"({', '.join(metrics['classes'])})")
+    doc.heading("Recommendation")
+    doc.paragraph(str(metrics["reason"]))
+    doc.paragraph(f"{metrics['selected']} in this folder is that classifier ({metrics['recommended']}); "
+                  "m2dx predict --model THIS_FOLDER applies it, --candidate picks another. It is NOT a diagnostic device.")
+    doc.heading("Every candidate, on the same recordings")
+    rows = []
+    for kind, row in metrics["candidates"].items():
+        rows.append([kind + (" (recommended)" if kind == metrics["recommended"] else ""), row["method"],
+                     _with_ci(row.get("val"), "score"), _with_ci(row.get("val"), "auroc_abnormal"),
+                     _with_ci(row.get("test"), "score"), _with_ci(row.get("test"), "auroc_abnormal"),
+                     f"{row['seconds']:.0f}", f"{row['folder']}/{MODEL_CARD_MD}"])
+    doc.table(Table(["candidate", "what it is", "validation Score (95 % CI)", "validation AUROC",
+                     "test Score (95 % CI)", "test AUROC", "seconds", "its own card"], rows,
+                    row_classes=["rec" if r[0].endswith("(recommended)") else "" for r in rows]))
+    doc.paragraph(f"How the choice is made: {metrics['rule']}. Scores are percentages; the ICBHI Score is the mean "
+                  "of sensitivity and specificity.")
+    doc.heading("Glossary")
+    doc.definitions(GLOSSARY)
     return (atomic_write_text(run_dir / MODEL_CARD_MD, doc.markdown()),
             atomic_write_text(run_dir / MODEL_CARD_HTML, doc.html()))

@@ -29,7 +29,8 @@ import torch
 
 from ._version import __version__
 from .audio import audio_info
-from .checkpoint.classifier import LoadedClassifier, classifier_files, find_classifier, load_classifier
+from .checkpoint.classifier import (LoadedClassifier, candidate_folder, classifier_files, find_classifier,
+                                    load_classifier)
 from .data.segment_cache import prepare_segments, readable_rows
 from .data.segments import Segment
 from .errors import AudioError, CheckpointError, ConfigError, M2DXError
@@ -56,9 +57,10 @@ class ModelSet:
         return self.members[0]
 
 
-def load_model_set(model: str | Path, *, repeat: int | None = None) -> ModelSet:
-    """`model` is a classifier file or a fine-tuning run folder (all repeats averaged, or `repeat` K)."""
-    path = Path(model).expanduser()
+def load_model_set(model: str | Path, *, repeat: int | None = None, candidate: str | None = None) -> ModelSet:
+    """`model` is a classifier file or a fine-tuning run folder (all repeats averaged, or `repeat` K); a
+    comparison folder (`--mode compare`) stands for its recommended candidate's run folder, or `candidate`'s."""
+    path = candidate_folder(model, candidate)
     if path.is_file() or repeat is not None:
         member = load_classifier(find_classifier(path, repeat))
         return ModelSet([member], member.operating_point, str(member.path))
@@ -115,6 +117,7 @@ def predict(
     window_seconds: float | None = None,
     hop_seconds: float | None = None,
     repeat: int | None = None,
+    candidate: str | None = None,
     batch_size: int = 32,
     device: str = "auto",
     amp: str = "off",
@@ -127,7 +130,7 @@ def predict(
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     if amp not in ("off", "auto", "bf16", "fp16"):
         raise ConfigError(f"--amp {amp!r}: use off, auto, bf16 or fp16")
-    models = load_model_set(model, repeat=repeat)
+    models = load_model_set(model, repeat=repeat, candidate=candidate)
     head = models.first
     window = float(window_seconds) if window_seconds is not None else head.segment_seconds
     hop = float(hop_seconds) if hop_seconds is not None else window
@@ -205,6 +208,7 @@ def predict(
     summary = {
         "model": models.source,
         "classifier_files": [str(m.path) for m in models.members],
+        "classifier_kind": head.kind,
         "ensemble": len(models.members) > 1,
         "classes": classes, "normal_class": classes[normal],
         "operating_point": models.operating_point,

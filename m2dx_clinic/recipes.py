@@ -183,6 +183,9 @@ class FtOptimSection:
 @dataclass
 class FtRunSection:
     out: str = ""
+    # full = fine-tune the encoder; linear = frozen encoder + logistic regression (linear evaluation);
+    # baseline = log-mel statistics + logistic regression; compare = all three, the best on validation recommended
+    mode: Literal["full", "linear", "baseline", "compare"] = "full"
     seed: int = 0
     repeats: int = 1
     device: str = "auto"
@@ -257,6 +260,10 @@ def validate_finetune_recipe(recipe: FinetuneRecipe, *, score_test: bool = True)
         (score_test or r.selection != "test-best",
          "run.selection=test-best picks the epoch on the test split, which contradicts not scoring the test "
          "split; use run.selection=val"),
+        (r.mode in ("full", "linear", "baseline", "compare"),
+         f"run.mode must be full, linear, baseline or compare, got {r.mode!r}"),
+        (r.mode == "full" or r.selection != "test-best",
+         f"run.mode={r.mode} chooses on the validation split only; run.selection=test-best is for full fine-tuning"),
     ]
     for ok, message in checks:
         if not ok:

@@ -56,7 +56,8 @@ def recompute(pred: pd.DataFrame, classes: list[str], normal: int) -> dict:
 
 
 # ---------------------------------------------------------------------------- recipes
-@pytest.mark.parametrize("name", ["icbhi_finetune", "sprsound_finetune", "tiny_finetune"])
+@pytest.mark.parametrize("name", ["icbhi_finetune", "sprsound_finetune", "tiny_finetune", "icbhi_linear_finetune",
+                                  "tiny_compare_finetune"])
 def test_recipes_parse(name):
     recipe = load_recipe(FinetuneRecipe, name)
     recipes.validate_finetune_recipe(recipe)

@@ -11,6 +11,12 @@ published checkpoints):
   front-end settings, the segment rule (seconds, padding, chunked vs adjusted positions), geometry,
   the resolved recipe, the operating point, a fingerprint of the training data, the scores.
 
+A linear-evaluation file (`m2dx finetune --mode linear`) is the same layout: the frozen encoder and
+the logistic regression folded into `head`; its `standardise` (mean, scale) and `logistic` (coef,
+intercept) tensors keep the fit as it was made. A baseline file (`--mode baseline`, metadata
+`classifier_kind = "baseline"`) has no encoder: `model` holds `baseline.*` (norm stats, feature
+standardisation) of `models.baseline.LogMelStatsClassifier`, `head` its logistic regression.
+
 `load_classifier(path)` returns a ready model with its metadata; `classifier_weights` /
 `classifier_from_weights` are the pickle-free view used by the safetensors export.
 """
@@ -26,6 +32,7 @@ import torch
 from ..audio import FrontEndConfig
 from ..errors import CheckpointError
 from ..fileio import atomic_torch_save
+from ..models.baseline import LogMelStatsClassifier
 from ..models.classifier import Classifier
 from ..models.vit import ViTConfig
 from .loading import META_KEY, encoder_from_state, filter_checkpoint, infer_vit_config, load_checkpoint_file, strict_load
@@ -34,6 +41,8 @@ from .names import checkpoint_folder_name
 CLASSIFIER_FORMAT = "m2dx-classifier"
 CLASSIFIER_VERSION = 1
 ENCODER_PREFIX = "encoder."
+BASELINE_PREFIX = "baseline."
+COMPARISON_FILE = "candidates.json"  # in a `m2dx finetune --mode compare` folder: candidate -> its run folder
 
 
 @dataclass
@@ -41,8 +50,13 @@ class LoadedClassifier:
     """A classifier file, loaded: the model (eval mode, CPU) and what it needs to be applied correctly."""
 
     path: Path
-    model: Classifier
+    model: Classifier | LogMelStatsClassifier
     meta: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        """full (fine-tuned encoder), linear (frozen encoder + logistic regression) or baseline (log-mel statistics)."""
+        return str(self.meta.get("classifier_kind") or "full")
 
     @property
     def classes(self) -> list[str]:
@@ -71,6 +85,10 @@ class LoadedClassifier:
 
     def describe(self) -> str:
         """One line: classes, geometry, segment rule."""
+        if isinstance(self.model, LogMelStatsClassifier):
+            return (f"{self.path.name}: {len(self.classes)} classes ({', '.join(self.classes)}; normal "
+                    f"{self.classes[self.normal_index]}), log-mel statistics baseline (no encoder), "
+                    f"{self.segment_seconds:g}-s segments ({self.pad} padding)")
         cfg = self.model.encoder.config
         return (f"{self.path.name}: {len(self.classes)} classes ({', '.join(self.classes)}; normal "
                 f"{self.classes[self.normal_index]}), {cfg.embed_dim}-d x {cfg.depth} encoder, "
@@ -82,24 +100,33 @@ def classifier_folder_name(config: ViTConfig, offline: bool = True) -> str:
     return checkpoint_folder_name(config, offline=offline, tag="classifier")
 
 
-def classifier_weights(model: Classifier) -> dict[str, torch.Tensor]:
-    """Flat tensors: the encoder's published keys plus `head.weight` / `head.bias` (contiguous CPU copies)."""
-    out = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.encoder.state_dict().items()}
+def classifier_weights(model: Classifier | LogMelStatsClassifier) -> dict[str, torch.Tensor]:
+    """Flat tensors: the encoder's published keys (a baseline: `baseline.*`) plus `head.weight` / `head.bias`."""
+    if isinstance(model, LogMelStatsClassifier):
+        body = {BASELINE_PREFIX + k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    else:
+        body = model.encoder.state_dict()
+    out = {k: v.detach().to("cpu").contiguous().clone() for k, v in body.items()}
     out["head.weight"] = model.head.weight.detach().to("cpu").contiguous().clone()
     out["head.bias"] = model.head.bias.detach().to("cpu").contiguous().clone()
     return out
 
 
-def save_classifier(model: Classifier, meta: dict[str, Any], path: Path, *, epoch: int) -> Path:
-    """Write one classifier file atomically (see the module docstring for the layout)."""
+def save_classifier(model: Classifier | LogMelStatsClassifier, meta: dict[str, Any], path: Path, *, epoch: int,
+                    extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write one classifier file atomically (see the module docstring); `extra`: more named groups of tensors."""
     weights = classifier_weights(model)
     head = {"weight": weights.pop("head.weight"), "bias": weights.pop("head.bias")}
     meta = {"format": CLASSIFIER_FORMAT, "format_version": CLASSIFIER_VERSION, **meta}
-    return atomic_torch_save({"model": weights, "head": head, "epoch": int(epoch), META_KEY: meta}, path)
+    groups = {name: {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+              for name, tensors in (extra or {}).items()}
+    return atomic_torch_save({"model": weights, "head": head, "epoch": int(epoch), **groups, META_KEY: meta}, path)
 
 
 def classifier_from_weights(weights: dict[str, torch.Tensor], meta: dict[str, Any], source: str) -> Classifier:
     """A ready Classifier (eval, CPU) from flat weights + metadata; a mismatch is one CheckpointError line."""
+    if meta.get("classifier_kind") == "baseline":
+        return _baseline_from_weights(weights, meta, source)
     encoder_state = {k: v for k, v in weights.items() if not k.startswith("head.")}
     encoder = encoder_from_state(infer_vit_config(encoder_state, None, meta), encoder_state, source)
     head_weight = weights.get("head.weight")
@@ -115,6 +142,20 @@ def classifier_from_weights(weights: dict[str, torch.Tensor], meta: dict[str, An
     return model.eval()
 
 
+def _baseline_from_weights(weights: dict[str, torch.Tensor], meta: dict[str, Any],
+                           source: str) -> LogMelStatsClassifier:
+    """The log-mel statistics baseline of a baseline classifier file (no encoder)."""
+    classes = meta.get("classes") or []
+    n_mels = int((meta.get("frontend") or {}).get("n_mels", 0))
+    if n_mels < 1 or len(classes) < 2:
+        raise CheckpointError(f"{source}: a baseline classifier without its front-end or classes; re-run m2dx finetune")
+    model = LogMelStatsClassifier(n_mels, len(classes))
+    state = {k[len(BASELINE_PREFIX):]: v for k, v in weights.items() if k.startswith(BASELINE_PREFIX)}
+    state.update({k: v for k, v in weights.items() if k.startswith("head.")})
+    strict_load(model, state, source)
+    return model.eval()
+
+
 def classifier_files(run_dir: Path) -> list[Path]:
     """A fine-tuning run's classifier files, by repeat (`classifiers/<folder>/repeat-<k>.pt`)."""
     found = [(int(p.stem.split("-")[1]), p) for p in Path(run_dir).glob("classifiers/*/repeat-*.pt")
@@ -122,9 +163,32 @@ def classifier_files(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def candidate_folder(model: str | Path, candidate: str | None = None) -> Path:
+    """A comparison folder (`--mode compare`) -> the run folder of `candidate` (default: the recommended one);
+    anything else is returned as given (asking it for a candidate is one line saying why not)."""
+    import json
+
+    path = Path(model).expanduser()
+    marker = path / COMPARISON_FILE
+    if not marker.is_file():
+        if candidate is not None:
+            raise CheckpointError(f"{path}: --candidate picks a candidate of a m2dx finetune --mode compare run folder, "
+                                  "and this is not one; drop --candidate")
+        return path
+    try:
+        info = json.loads(marker.read_text(encoding="utf-8"))
+        chosen = candidate or info["recommended"]
+        folders = dict(info["candidates"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{marker}: damaged; run m2dx finetune --mode compare again") from None
+    if chosen not in folders:
+        raise CheckpointError(f"{path}: no candidate {chosen!r}; it has {', '.join(folders)} (--candidate)")
+    return path / folders[chosen]
+
+
 def find_classifier(model: str | Path, repeat: int | None = None) -> Path:
     """A classifier file from a file path, or from a run folder: its `best.pt`, or repeat K's file."""
-    path = Path(model).expanduser()
+    path = candidate_folder(model)
     if path.is_file():
         if repeat is not None:
             raise CheckpointError(f"{path}: --repeat picks a repeat of a run folder; pass the run folder, or drop --repeat")

@@ -181,6 +181,9 @@ class LoadedCheckpoint:
         self.state = filter_checkpoint(self.raw)
         meta = self.raw.get(META_KEY)
         self.meta: dict[str, Any] = meta if isinstance(meta, dict) else {}
+        if self.meta.get("classifier_kind") == "baseline":
+            raise CheckpointError(f"{path}: a log-mel baseline classifier, which has no encoder; use it with m2dx "
+                                  "predict / export, or pass a checkpoint or a fine-tuned / linear classifier here")
         self.vit_config = infer_vit_config(self.state, path, self.meta)
         self.norm_stats = norm_stats_of(self.state)
 

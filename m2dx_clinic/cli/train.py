@@ -110,6 +110,7 @@ def finetune_cmd(
     repeats: Optional[int] = typer.Option(None, "--repeats", help="Independent runs; reports mean ± 95% CI."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the first repeat (repeat k uses seed + k)."),
     selection: Optional[str] = typer.Option(None, "--selection", help="val (default) | test-best (literature protocol, optimistic)."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="full (fine-tune the encoder, default) | linear (frozen encoder + logistic regression) | baseline (log-mel statistics) | compare (all three; the best on validation becomes best.pt)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Number of epochs (overrides the recipe)."),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help=OUT_HELP),
@@ -127,9 +128,11 @@ def finetune_cmd(
 
     if selection not in (None, "val", "test-best"):
         raise ConfigError(f"--selection must be val or test-best, got {selection!r}")
+    if mode not in (None, "full", "linear", "baseline", "compare"):
+        raise ConfigError(f"--mode must be full, linear, baseline or compare, got {mode!r}")
     if resume is not None:
         given = [flag for flag, value in (("--recipe", recipe), ("--params", params), ("--repeats", repeats),
-                                          ("--seed", seed), ("--selection", selection), ("--epochs", epochs),
+                                          ("--seed", seed), ("--selection", selection), ("--mode", mode), ("--epochs", epochs),
                                           ("--out", out), ("--name", name), ("--provenance", provenance),
                                           ("--set", sets)) if value]
         if given:
@@ -141,10 +144,19 @@ def finetune_cmd(
             {"run.out": str(resume), "run.device": device}, None))
     else:
         from_params = load_params_toml(params) if params else []
-        extra = {"run.repeats": repeats, "run.seed": seed, "run.selection": selection, "optim.epochs": epochs,
+        extra = {"run.repeats": repeats, "run.seed": seed, "run.selection": selection, "run.mode": mode, "optim.epochs": epochs,
                  "run.device": device, "run.out": str(out) if out else None, "run.model_name": name,
                  "run.provenance": provenance}
         rec = load_recipe(FinetuneRecipe, recipe_for_params(recipe, params), [*from_params, *_overrides(extra, sets)])
+    if rec.run.mode == "compare":
+        if resume is not None:
+            raise ConfigError(f"{resume}: a comparison is not resumed; start it again with another --out")
+        from ..compare import compare_candidates
+
+        compared = compare_candidates(rec, task=task, data=data, checkpoint=checkpoint, normal_class=normal_class)
+        _console().print(f"[green]done[/]: metrics.json (candidates, recommended), MODEL_CARD.md and best.pt "
+                         f"({compared.recommended}) in {compared.run_dir}")
+        return
     result = finetune(rec, task=task, data=data, checkpoint=checkpoint, normal_class=normal_class,
                       resume=resume is not None)
     _console().print(f"[green]done[/]: metrics.json, predictions.csv and plots in {result.run_dir}")

@@ -45,6 +45,7 @@ def predict_cmd(
     window_seconds: Optional[float] = typer.Option(None, "--window-seconds", help="Window length for --segments window (default: the model's segment length)."),
     hop_seconds: Optional[float] = typer.Option(None, "--hop-seconds", help="Step between windows (default: the window length)."),
     repeat: Optional[int] = typer.Option(None, "--repeat", help="Use only this repeat of a run folder instead of averaging all."),
+    candidate: Optional[str] = typer.Option(None, "--candidate", help="A --mode compare run folder: full | linear | baseline instead of the recommended one."),
     ensemble: bool = typer.Option(False, "--ensemble", help="Average every repeat of the run folder (the default for a run folder)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Segments per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present) | cpu | cuda | cuda:N"),
@@ -63,7 +64,7 @@ def predict_cmd(
     if ensemble and repeat is not None:
         raise ConfigError("--ensemble averages every repeat and --repeat picks one; pass only one of them")
     result = predict(model, inputs, out, segments=segments, window_seconds=window_seconds, hop_seconds=hop_seconds,
-                     repeat=repeat, batch_size=batch_size, device=device, amp=amp, progress=not as_json)
+                     repeat=repeat, candidate=candidate, batch_size=batch_size, device=device, amp=amp, progress=not as_json)
     s = result.summary
     if as_json:
         print(json.dumps({"summary": s, "recordings": result.recordings.to_dict(orient="records")}, indent=2,
@@ -114,6 +115,7 @@ def export_cmd(
     format: str = typer.Option(..., "--format", "-f", help="onnx (probabilities from a normalised log-mel segment) | safetensors (no pickle)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output file; a JSON sidecar <out>.json says how to feed it."),
     repeat: Optional[int] = typer.Option(None, "--repeat", help="Export only this repeat of a run folder."),
+    candidate: Optional[str] = typer.Option(None, "--candidate", help="A --mode compare run folder: full | linear | baseline instead of the recommended one."),
     provenance: str = typer.Option("clean", "--provenance", help=PROVENANCE_HELP),
 ) -> None:
     """Export a classifier as ONNX or safetensors, with a JSON sidecar (classes, front-end, segment rule, operating point).
@@ -125,7 +127,7 @@ def export_cmd(
 
     if format not in ("onnx", "safetensors"):
         raise ConfigError(f"--format {format!r}: use onnx or safetensors")
-    models = load_model_set(model, repeat=repeat)
+    models = load_model_set(model, repeat=repeat, candidate=candidate)
     written = export_classifier(models, format, out, provenance=provenance)
     _console().print(f"exported {what_is_exported(models)}")
     _console().print(f"[green]wrote[/] {written} and {written}.json")

@@ -19,9 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..metrics import icbhi_scores
-
-C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+from .linear import C_GRID, fit_linear  # noqa: F401 (C_GRID: re-exported)
 
 
 def logmel_statistics(lms: Any, chunk_rows: int = 64) -> np.ndarray:
@@ -47,53 +45,22 @@ def logmel_statistics(lms: Any, chunk_rows: int = 64) -> np.ndarray:
     return out
 
 
-def _score(labels: np.ndarray, pred: np.ndarray, normal: int, k: int) -> tuple[float, float]:
-    s = icbhi_scores(labels, pred, normal_class=normal, num_classes=k)
-    score = s["score"] if math.isfinite(s["score"]) else -math.inf
-    return score, s["accuracy"]
-
-
 def fit_baseline(lms: dict[str, torch.Tensor], labels: dict[str, Sequence[int]], *, num_classes: int, normal: int,
                  balanced: bool, seed: int = 0) -> dict[str, Any]:
     """Fit on train, choose C on val (best ICBHI Score, ties to the stronger regularisation), predict every split.
 
-    Returns the chosen C, the C grid's validation scores and probabilities [N, K] per split (classes
-    absent from training get probability 0). Without a validation split, C = 1.
+    Returns the chosen C, the C grid's validation scores, probabilities [N, K] per split (classes
+    absent from training get probability 0) and the fit itself (`evaluation.linear.LinearFit`, what a
+    baseline classifier file stores). Without a validation split, C = 1.
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     feats = {split: logmel_statistics(x) for split, x in lms.items() if len(x)}
-    y = {split: np.asarray(labels[split], dtype=int) for split in feats}
-    present = np.unique(y["train"])
-
-    def fit(c: float):
-        model = make_pipeline(StandardScaler(), LogisticRegression(
-            C=c, max_iter=2000, class_weight="balanced" if balanced else None, random_state=seed))
-        return model.fit(feats["train"], y["train"])
-
-    def probabilities(model, split: str) -> np.ndarray:
-        out = np.zeros((len(feats[split]), num_classes))
-        out[:, model.classes_] = model.predict_proba(feats[split])
-        return out
-
-    grid: dict[str, float] = {}
-    best_c, best_key = 1.0, None
-    if "val" in feats and len(present) > 1:
-        for c in C_GRID:
-            pred = probabilities(fit(c), "val").argmax(axis=1)
-            key = _score(y["val"], pred, normal, num_classes)
-            grid[str(c)] = key[0]
-            if best_key is None or key > best_key:  # strictly better only: ties keep the smaller C
-                best_c, best_key = c, key
-    if len(present) < 2:  # one training class: the baseline predicts it everywhere
-        probs = {split: np.eye(num_classes)[np.full(len(f), int(present[0]))] for split, f in feats.items()}
-        return {"C": None, "val_grid": grid, "probs": probs, "features": int(next(iter(feats.values())).shape[1]),
-                "note": "a single class in the training split"}
-    model = fit(best_c)
-    return {"C": best_c, "val_grid": grid, "probs": {split: probabilities(model, split) for split in feats},
-            "features": int(feats["train"].shape[1]), "class_weight": "balanced" if balanced else "none"}
+    fitted = fit_linear(feats, labels, num_classes=num_classes, normal=normal, balanced=balanced, seed=seed)
+    probs = {split: fitted.probabilities(f) for split, f in feats.items()}
+    out = {"C": fitted.C, "val_grid": fitted.val_grid, "probs": probs, "features": int(feats["train"].shape[1]),
+           "fit": fitted}
+    if fitted.C is None:
+        return {**out, "note": "a single class in the training split"}
+    return {**out, "class_weight": fitted.class_weight}
 
 
 def chance_references(train_labels: Sequence[int], eval_labels: Sequence[int], *, num_classes: int,

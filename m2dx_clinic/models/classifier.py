@@ -49,6 +49,10 @@ class Classifier(nn.Module):
     def depth(self) -> int:
         return len(self.encoder.blocks)
 
+    def normalize(self, lms: torch.Tensor) -> torch.Tensor:
+        """Raw log-mel -> the input `forward` takes, with the encoder's fixed statistics (every classifier has one)."""
+        return self.encoder.normalize(lms)
+
     def features(self, lms: torch.Tensor) -> torch.Tensor:
         """Normalised log-mel [B, 1, F_mel, T] -> clip embedding [B, F*D] (mean of the per-frame features)."""
         frames = self.encoder.encode_lms(lms, adjust_pos=self.adjust_pos)

@@ -1,6 +1,6 @@
 """The linear probe: a cheap, label-aware check of which checkpoint's features separate the classes best.
 
-StandardScaler + balanced logistic regression on mean-pooled clip embeddings of the task's training
+StandardScaler + balanced logistic regression (the linear evaluation's `evaluation.linear`) on mean-pooled clip embeddings of the task's training
 split, scored on its subject-disjoint validation split (never the test split: the probe picks a
 checkpoint, so the test split must stay unseen). Minutes instead of a fine-tune per checkpoint.
 The cycles are the fine-tuning loop's own cached fixed-length segments (`data.segment_cache`).
@@ -17,6 +17,7 @@ import torch
 from ..audio import FrontEndConfig
 from ..data.segment_cache import SegmentArrays, prepare_segments, readable_rows
 from ..errors import DataError
+from ..evaluation.linear import fit_linear
 from ..metrics import icbhi_scores
 from ..models.vit import AudioViT
 from ..inference import clip_embeddings
@@ -59,6 +60,15 @@ class ProbeSet:
         return result
 
 
+def _probe_predictions(features: np.ndarray, labels: np.ndarray, is_train: np.ndarray, task_data: Any,
+                       seed: int) -> np.ndarray:
+    """Validation predictions of the probe: the linear evaluation's fit (`evaluation.linear`), C = 1, balanced."""
+    fitted = fit_linear({"train": features[is_train]}, {"train": labels[is_train]},
+                        num_classes=len(task_data.classes), normal=int(task_data.normal_class), balanced=True,
+                        seed=seed, c_grid=(1.0,), max_iter=1000)
+    return fitted.logits(features[~is_train]).argmax(axis=1)
+
+
 def probe_scores(
     encoder: AudioViT,
     task_data: Any,
@@ -75,10 +85,6 @@ def probe_scores(
     classes best, minutes instead of a fine-tune per checkpoint. Raises DataError when the split
     cannot support a probe (no validation items, fewer than two training classes).
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     probe_set = probe_set or ProbeSet(task_data)
     frontend = FrontEndConfig.for_sample_rate(encoder.config.sample_rate)
     lms, labels, is_train = probe_set.arrays(frontend)
@@ -87,9 +93,7 @@ def probe_scores(
     if len(np.unique(labels[is_train])) < 2:
         raise DataError("the training split has a single class; a linear probe needs at least two")
     emb = clip_embeddings(encoder, lms, norm_stats=norm_stats, device=device)
-    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, class_weight="balanced", random_state=seed))
-    model.fit(emb[is_train], labels[is_train])
-    pred = model.predict(emb[~is_train])
+    pred = _probe_predictions(emb, labels, is_train, task_data, seed)
     scores = icbhi_scores(labels[~is_train], pred, normal_class=int(task_data.normal_class),
                           num_classes=len(task_data.classes))
     return {"sp": scores["sp"], "se": scores["se"], "score": scores["score"], "accuracy": scores["accuracy"],
@@ -104,19 +108,14 @@ def probe_baseline(task_data: Any, probe_set: ProbeSet, frontend: FrontEndConfig
     log-mel mean, std and delta std). A checkpoint whose probe does not beat it has not yet learned
     more than band energies tell.
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     from ..evaluation.baseline import logmel_statistics
 
     lms, labels, is_train = probe_set.arrays(frontend)
     if not is_train.any() or is_train.all() or len(np.unique(labels[is_train])) < 2:
         raise DataError("the probe baseline needs two training classes and a validation split")
     feats = logmel_statistics(lms)
-    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, class_weight="balanced", random_state=seed))
-    model.fit(feats[is_train], labels[is_train])
-    scores = icbhi_scores(labels[~is_train], model.predict(feats[~is_train]), normal_class=int(task_data.normal_class),
+    pred = _probe_predictions(feats, labels, is_train, task_data, seed)
+    scores = icbhi_scores(labels[~is_train], pred, normal_class=int(task_data.normal_class),
                           num_classes=len(task_data.classes))
     return {"sp": scores["sp"], "se": scores["se"], "score": scores["score"], "n_normal": scores["n_normal"],
             "n_abnormal": scores["n_abnormal"],
