@@ -1,0 +1,199 @@
+"""`m2dx evaluate`: a trained classifier scored unchanged on labelled data, with calibration and subgroups.
+
+Every number is recomputed here from predictions.csv with this file's own code (sklearn and numpy),
+never with the package's metric functions."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from m2dx_clinic.config import load_recipe
+from m2dx_clinic.errors import ConfigError, DataError
+from m2dx_clinic.evaluate import evaluate_classifier
+from m2dx_clinic.finetune import finetune
+from m2dx_clinic.recipes import FinetuneRecipe
+
+CLI = [sys.executable, "-m", "m2dx_clinic"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, demo_icbhi, tiny_ckpt) -> Path:
+    """Two repeats on the demo ICBHI data (8-s cycles), scored on its test split by finetune."""
+    out = tmp_path_factory.mktemp("ft_eval")
+    recipe = load_recipe(FinetuneRecipe, "tiny_finetune", [
+        f"run.out='{out / 'run'}'", f"data.cache_dir='{out / 'cache'}'", "optim.epochs=2", "run.repeats=2",
+        "run.num_workers=0", "run.bootstrap=30"])
+    return finetune(recipe, task="icbhi", data=demo_icbhi, checkpoint=tiny_ckpt, progress=False).run_dir
+
+
+@pytest.fixture(scope="module")
+def evaluated_test(finished_run, demo_icbhi, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eval") / "test_split"
+    evaluate_classifier(finished_run, task="icbhi", data=demo_icbhi, out=out, split="test", progress=False)
+    return out
+
+
+def _same(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return (math.isnan(a) and math.isnan(b)) if (math.isnan(a) or math.isnan(b)) else a == pytest.approx(b, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------- the run's own test split
+def test_evaluate_reproduces_the_runs_test_metrics_exactly(finished_run, evaluated_test):
+    run = json.loads((finished_run / "metrics.json").read_text())["ensemble"]
+    got = json.loads((evaluated_test / "metrics.json").read_text())
+    assert got["operating_point"] == run["operating_point"]
+    assert got["result"]["n"] == run["test"]["n"] and got["result"]["bootstrap"] == run["test"]["bootstrap"]
+    assert got["result"]["values"].keys() == run["test"]["values"].keys()
+    for key, value in run["test"]["values"].items():
+        assert _same(got["result"]["values"][key], value), key
+    for key, interval in run["test"]["ci95"].items():
+        assert _same(got["result"]["ci95"][key], interval), key
+    rows = {r["metric"]: r for r in got["comparison"]}
+    assert rows["score"]["difference"] == pytest.approx(0.0, abs=1e-12) and rows["score"]["cis_overlap"] is True
+    for name in ("predictions.csv", "metrics.json", "confusion_matrix.png", "roc_pr.png", "reliability.png",
+                 "EVALUATION_CARD.md", "evaluation_card.html"):
+        assert (evaluated_test / name).is_file(), name
+
+
+def test_predictions_match_the_runs_ensemble_probabilities(finished_run, evaluated_test):
+    theirs = pd.read_csv(finished_run / "predictions.csv")
+    theirs = theirs[theirs["split"] == "test"]
+    probs = [c for c in theirs.columns if c.startswith("prob_")]
+    expected = theirs.groupby("item_id")[probs].mean()
+    ours = pd.read_csv(evaluated_test / "predictions.csv").set_index("item_id")
+    assert np.abs(ours.loc[expected.index, probs].to_numpy() - expected.to_numpy()).max() < 1e-6
+
+
+# ---------------------------------------------------------------------------- recomputed from predictions.csv
+def _ece(confidence: np.ndarray, correct: np.ndarray, bins: int) -> float:
+    total = 0.0
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        inside = (confidence >= lo) & ((confidence < hi) if b < bins - 1 else (confidence <= hi))
+        if inside.any():
+            total += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    return total
+
+
+def test_calibration_numbers_recompute_from_predictions(evaluated_test):
+    metrics = json.loads((evaluated_test / "metrics.json").read_text())
+    pred = pd.read_csv(evaluated_test / "predictions.csv")
+    classes = metrics["classes"]
+    probs = pred[[f"prob_{c}" for c in classes]].to_numpy()
+    y = pred["true_index"].to_numpy()
+    block = metrics["calibration"]["uncalibrated"]
+    assert block["bins"] == 10
+    onehot = np.zeros_like(probs)
+    onehot[np.arange(len(y)), y] = 1
+    assert block["brier"] == pytest.approx(((probs - onehot) ** 2).sum(1).mean(), abs=1e-6)
+    assert block["ece"] == pytest.approx(_ece(probs.max(1), (probs.argmax(1) == y).astype(float), 10), abs=1e-6)
+    p_abn = 1 - probs[:, metrics["normal_class_index"]]
+    abnormal = (y != metrics["normal_class_index"]).astype(float)
+    assert block["brier_abnormal"] == pytest.approx(((p_abn - abnormal) ** 2).mean(), abs=1e-6)
+    assert block["ece_abnormal"] == pytest.approx(_ece(p_abn, abnormal, 10), abs=1e-6)
+
+
+def _score(frame: pd.DataFrame, normal: int) -> float:
+    normal_rows = frame["true_index"] == normal
+    sp = (frame.loc[normal_rows, "pred_index"] == normal).mean()
+    se = (frame.loc[~normal_rows, "pred_index"] == frame.loc[~normal_rows, "true_index"]).mean()
+    return (sp + se) / 2
+
+
+def test_subgroup_numbers_recompute_from_predictions(evaluated_test):
+    metrics = json.loads((evaluated_test / "metrics.json").read_text())
+    pred = pd.read_csv(evaluated_test / "predictions.csv")
+    normal = metrics["normal_class_index"]
+    groupings = metrics["subgroups"]["groupings"]
+    assert {"device", "chest_location"} <= set(groupings)  # the demo names follow the ICBHI convention
+    checked = 0
+    for name, grouping in groupings.items():
+        column = pred[f"group_{name}"].astype("string")
+        for value, block in grouping["groups"].items():
+            rows = pred[column == value]
+            assert block["n"] == len(rows) and block["subjects"] == rows["subject"].nunique()
+            score = _score(rows, normal)
+            assert _same(block["values"]["score"], float(score)) if not np.isnan(score) else \
+                block["values"]["score"] is None
+            truth = rows["true_index"] != normal
+            if truth.any() and not truth.all():
+                assert block["values"]["auroc_abnormal"] == pytest.approx(roc_auc_score(truth, rows["p_abnormal"]),
+                                                                          abs=1e-9)
+                checked += 1
+            rest = pred[column.notna() & (column != value)]
+            assert block["rest"]["n"] == len(rest)
+    assert checked
+
+
+def test_the_card_speaks_one_decision_rule_and_names_no_path(evaluated_test, demo_icbhi):
+    card = (evaluated_test / "EVALUATION_CARD.md").read_text()
+    metrics = json.loads((evaluated_test / "metrics.json").read_text())
+    assert f"P(abnormal) >= {metrics['operating_point']['threshold']:.6g}" in card
+    for section in ("## Verdict", "## Decision rule", "## Calibration", "## Subgroups", "NOT FOR USE", "ECE over 10"):
+        assert section in card, section
+    assert str(demo_icbhi) not in card and "/tmp" not in card
+    assert all(s not in card for s in pd.read_csv(evaluated_test / "predictions.csv")["recording"].unique())
+
+
+# ---------------------------------------------------------------------------- another site's labels
+def _manifest(run: Path, data: Path, path: Path, relabel: dict[str, str] | None = None,
+              keep: tuple[str, ...] | None = None) -> Path:
+    """The run's test cycles as a CSV manifest (path,label,subject,start,end,site), optionally relabelled."""
+    pred = pd.read_csv(run / "predictions.csv")
+    pred = pred[(pred["split"] == "test") & (pred["repeat"] == 0)]
+    rows = []
+    for rec, rec_rows in pred.groupby("recording"):
+        audio = next(data.rglob(f"{rec}.wav"))
+        cycles = [line.split() for line in audio.with_suffix(".txt").read_text().splitlines() if line.strip()]
+        for (start, end, *_), label in zip(cycles, rec_rows.sort_values("item_id")["true_label"]):
+            label = (relabel or {}).get(label, label)
+            if keep is None or label in keep:
+                rows.append({"path": str(audio), "label": label, "subject": rec.split("_")[0], "start": start,
+                             "end": end, "site": "A" if int(rec.split("_")[0]) % 2 else "B"})
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_unknown_classes_are_one_line_naming_both_sets(finished_run, demo_icbhi, tmp_path):
+    csv = _manifest(finished_run, demo_icbhi, tmp_path / "other.csv", relabel={"wheeze": "stridor"})
+    with pytest.raises(DataError, match=r"data's classes \(.*stridor.*\) do not match the classifier's \(normal, "
+                                        r"crackle, wheeze, both\)"):
+        evaluate_classifier(finished_run, task="csv", data=csv, out=tmp_path / "e", progress=False)
+    done = subprocess.run([*CLI, "evaluate", "--model", str(finished_run), "--task", "csv", "--data", str(csv),
+                           "--out", str(tmp_path / "cli")], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "stridor" in done.stderr
+    assert not (tmp_path / "cli" / "metrics.json").exists()
+
+
+def test_absent_classes_warn_and_a_manifest_column_is_a_subgroup(finished_run, demo_icbhi, tmp_path):
+    csv = _manifest(finished_run, demo_icbhi, tmp_path / "site.csv", keep=("normal", "crackle"))
+    result = evaluate_classifier(finished_run, task="csv", data=csv, out=tmp_path / "e", subgroups=["site"],
+                                 bootstrap=10, progress=False)
+    assert any("absent from this data" in w and "wheeze" in w and "both" in w for w in result.metrics["warnings"])
+    site = result.metrics["subgroups"]["groupings"]["site"]["groups"]
+    pred = pd.read_csv(tmp_path / "e" / "predictions.csv")
+    assert {k: v["n"] for k, v in site.items()} == pred["group_site"].value_counts().to_dict()
+    assert "device" in result.metrics["subgroups"]["groupings"]  # ICBHI names inside a manifest still count
+    with pytest.raises(DataError, match="no column 'ward'"):
+        evaluate_classifier(finished_run, task="csv", data=csv, out=tmp_path / "f", subgroups=["ward"], progress=False)
+
+
+def test_bad_options_are_one_line(finished_run, demo_icbhi, tmp_path):
+    with pytest.raises(ConfigError, match="--split 'everything'"):
+        evaluate_classifier(finished_run, task="icbhi", data=demo_icbhi, out=tmp_path / "x", split="everything")
+    with pytest.raises(ConfigError, match="--subgroup"):
+        evaluate_classifier(finished_run, task="icbhi", data=demo_icbhi, out=tmp_path / "x", subgroups=["site"])
