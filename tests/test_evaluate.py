@@ -148,6 +148,18 @@ def test_the_card_speaks_one_decision_rule_and_names_no_path(evaluated_test, dem
     assert all(s not in card for s in pd.read_csv(evaluated_test / "predictions.csv")["recording"].unique())
 
 
+@pytest.mark.slow
+def test_the_evaluation_card_opens_in_chromium_with_every_image(evaluated_test):
+    from test_browser import _chromium, _open
+
+    seen = _open((evaluated_test / "evaluation_card.html").as_uri(), _chromium())
+    assert not seen["problems"], seen["problems"]
+    srcs = {i["src"] for i in seen["images"]}
+    assert {"roc_pr.png", "confusion_matrix.png", "reliability.png"} <= srcs
+    assert all(i["loaded"] for i in seen["images"]), seen["images"]
+    assert all(i["width"] >= 600 for i in seen["images"]), seen["images"]  # readable at 100 % zoom
+
+
 # ---------------------------------------------------------------------------- another site's labels
 def _manifest(run: Path, data: Path, path: Path, relabel: dict[str, str] | None = None,
               keep: tuple[str, ...] | None = None) -> Path:
@@ -197,3 +209,46 @@ def test_bad_options_are_one_line(finished_run, demo_icbhi, tmp_path):
         evaluate_classifier(finished_run, task="icbhi", data=demo_icbhi, out=tmp_path / "x", split="everything")
     with pytest.raises(ConfigError, match="--subgroup"):
         evaluate_classifier(finished_run, task="icbhi", data=demo_icbhi, out=tmp_path / "x", subgroups=["site"])
+
+
+# ---------------------------------------------------------------------------- the shared ICBHI data
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_train_on_three_devices_evaluate_on_the_fourth(icbhi_dir, tiny_ckpt, tmp_path):
+    """A user's journey: export ICBHI as a manifest, fine-tune on three devices, evaluate on the AKG C417L."""
+    from m2dx_clinic.data.tasks import load_task
+    from m2dx_clinic.data.task_data import export_manifest
+
+    table = pd.read_csv(export_manifest(load_task("icbhi", icbhi_dir), tmp_path / "all.csv"))
+    held = table["path"].str.contains("_AKGC417L")
+    table[~held].to_csv(tmp_path / "three.csv", index=False)
+    table[held].drop(columns="split").to_csv(tmp_path / "fourth.csv", index=False)
+    recipe = load_recipe(FinetuneRecipe, "tiny_finetune", [
+        f"run.out='{tmp_path / 'run'}'", f"data.cache_dir='{tmp_path / 'cache'}'", "optim.epochs=1",
+        "data.cycle_seconds=4.0", "data.max_items_per_split=96", "run.bootstrap=20", "run.num_workers=0"])
+    run = finetune(recipe, task="csv", data=tmp_path / "three.csv", checkpoint=tiny_ckpt, progress=False).run_dir
+    done = subprocess.run([*CLI, "evaluate", "--model", str(run), "--task", "csv", "--data", str(tmp_path / "fourth.csv"),
+                           "--out", str(tmp_path / "eval"), "--bootstrap", "20"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    pred = pd.read_csv(tmp_path / "eval" / "predictions.csv")
+    assert metrics["items"] == len(pred) == int(held.sum())
+    groupings = metrics["subgroups"]["groupings"]
+    assert list(groupings["device"]["groups"]) == ["AKG C417L"]
+    assert {"chest_location", "sex", "age_band"} <= set(groupings)
+    # sex and age band straight from the demographic file, read here with this test's own code
+    people = {}
+    for line in (icbhi_dir / "demographic_info.txt").read_text().splitlines():
+        fields = line.split()
+        if fields:
+            age = float(fields[1]) if fields[1] != "NA" else None
+            people[fields[0]] = (fields[2], None if age is None else "<18" if age < 18 else "18-64" if age < 65 else "65+")
+    for subject, rows in pred.groupby("subject"):
+        sex, band = people[str(subject)]
+        assert set(rows["group_sex"].fillna("?")) == {{"F": "female", "M": "male"}.get(sex, "?")}
+        assert set(rows["group_age_band"].fillna("?")) == {band or "?"}
+    calibration = metrics["calibration"]["uncalibrated"]
+    assert calibration["n"] == len(pred) and 0 <= calibration["ece"] <= 1 and 0 <= calibration["brier"] <= 2
+    card = (tmp_path / "eval" / "EVALUATION_CARD.md").read_text()
+    assert "### device" in card and "AKG C417L" in card and "reliability.png" in card
+    assert str(icbhi_dir) not in card and str(tmp_path) not in card
