@@ -33,10 +33,10 @@ from .data.segment_cache import prepare_segments, readable_rows
 from .data.tasks import load_task
 from .errors import ConfigError, DataError
 from .evaluation.baseline import chance_references
-from .evaluation.calibration import apply_temperature, calibration_report
+from .evaluation.calibration import apply_temperature, calibration_block
 from .evaluation.checks import operating_point_warnings
 from .evaluation.clinical import choose_operating_point, clinical_report, p_abnormal
-from .evaluation.plots import plot_confusion, plot_reliability, plot_roc_pr
+from .evaluation.plots import plot_calibration, plot_confusion, plot_roc_pr
 from .evaluation.subgroups import subgroup_report
 from .evaluation_card import write_evaluation_card
 from .fileio import atomic_write_csv, atomic_write_json, to_jsonable
@@ -185,7 +185,7 @@ def _score(models: ModelSet, model: str | Path, raw: np.ndarray, items: list, in
     """Every number of the evaluation from the probabilities; returns metrics and the predictions table."""
     head = models.first
     meta, classes, normal = head.meta, head.classes, head.normal_index
-    temperature = (meta.get("calibration") or {}).get("temperature")
+    temperature = models.temperature
     probs = apply_temperature(raw, float(temperature)) if temperature else raw  # [N, K]
     labels = [index[it.label] for it in items]
     subjects = [str(it.subject) for it in items]
@@ -207,10 +207,7 @@ def _score(models: ModelSet, model: str | Path, raw: np.ndarray, items: list, in
                                columns=subgroups)
     groups = subgroup_report(probs, labels, subjects, groupings, normal, resamples=resamples, seed=seed)
     warnings += groups["warnings"] + operating_point_warnings(here["values"] if point else None)
-    calibration = {"after_scaling" if temperature else "uncalibrated": calibration_report(probs, labels, normal)}
-    if temperature:
-        calibration["before_scaling"] = calibration_report(raw, labels, normal)
-        calibration["temperature"] = float(temperature)
+    calibration = calibration_block(raw, labels, normal, temperature)
     decision = (f"P(abnormal) >= {threshold:.6g} (the classifier's operating point)" if threshold is not None
                 else "the most probable class is not the normal class")
     pred = probs.argmax(axis=1)
@@ -258,11 +255,7 @@ def _write(out_dir: Path, result: dict[str, Any], classes: list[str], normal: in
                 title=f"{metrics['split']} of this data", operating_point=metrics["operating_point"])
     calib = metrics["calibration"]
     shown = calib.get("after_scaling") or calib["uncalibrated"]
-    plot_reliability([
-        {"label": "most probable class", "table": shown["reliability"], "ece": shown["ece"],
-         "xlabel": "highest class probability (mean in bin)"},
-        {"label": "P(abnormal)", "table": shown["reliability_abnormal"], "ece": shown["ece_abnormal"],
-         "xlabel": "P(abnormal) (mean in bin)"}], out_dir / "reliability.png", title="this data")
+    plot_calibration(calib, out_dir / "reliability.png", title="this data")
     atomic_write_json(out_dir / "metrics.json", to_jsonable(metrics), end="")
     write_evaluation_card(out_dir, metrics)
     if progress:

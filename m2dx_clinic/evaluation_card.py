@@ -14,20 +14,11 @@ from typing import Any
 
 from .document import Document, Table
 from .fileio import atomic_write_text
-from .model_card import GLOSSARY, _ROWS, _pct, _with_ci
+from .model_card import GLOSSARY, _ROWS, _pct, _with_ci, calibration_section
 from .provenance import INTERNAL_RECORDS, scrub
 
 EVALUATION_CARD_MD = "EVALUATION_CARD.md"
 EVALUATION_CARD_HTML = "evaluation_card.html"
-CALIBRATION_GLOSSARY = [
-    ("ECE (expected calibration error)", "segments are binned by their predicted probability; per bin the gap "
-                                         "between the mean probability and how often it came true, weighted by the "
-                                         "bin's share of segments. 0 = the probabilities mean what they say."),
-    ("Brier score", "the mean squared difference between the probabilities and the truth (1 for the true class, "
-                    "0 for the others); 0 is perfect, lower is better."),
-    ("temperature scaling", "one number T fitted on the validation split that softens (T > 1) or sharpens the "
-                            "probabilities; it never changes which class is most probable."),
-]
 
 
 def _finite(value: Any) -> bool:
@@ -84,25 +75,6 @@ def _results(doc: Document, metrics: dict[str, Any]) -> None:
                      for c in metrics["classes"]]))
 
 
-def _calibration(doc: Document, metrics: dict[str, Any], images: list[str]) -> None:
-    calib = metrics["calibration"]
-    rows = []
-    for label, key in (("before temperature scaling", "before_scaling"), ("after temperature scaling", "after_scaling"),
-                       ("no temperature scaling (the classifier has none)", "uncalibrated")):
-        block = calib.get(key)
-        if block:
-            rows.append([label, _pct(block["ece"]), f"{block['brier']:.4f}", _pct(block["ece_abnormal"]),
-                         f"{block['brier_abnormal']:.4f}"])
-    doc.table(Table(["probabilities", "ECE, top class (%)", "Brier", "ECE, P(abnormal) (%)", "Brier, P(abnormal)"], rows))
-    shown = calib.get("after_scaling") or calib.get("uncalibrated")
-    doc.paragraph(f"ECE over {shown['bins']} {shown['binning']}. "
-                  + (f"The classifier's temperature T = {calib['temperature']:.3f} (fitted on its validation split) "
-                     "is applied, as predict and export apply it." if calib.get("temperature") else ""))
-    if "reliability.png" in images:
-        doc.image("reliability.png", "reliability diagrams: observed frequency against predicted probability per bin "
-                                     "(the diagonal is perfect calibration; numbers are segments per bin)")
-
-
 def _subgroups(doc: Document, metrics: dict[str, Any]) -> None:
     groups = metrics.get("subgroups") or {}
     if not groups.get("groupings"):
@@ -139,7 +111,7 @@ def build_evaluation_card(metrics: dict[str, Any], images: list[str]) -> Documen
                   f"{(metrics.get('segment') or {}).get('pad', '?')} padding). The ICBHI Score, Se and Sp use the "
                   "most probable class (argmax), a secondary figure: it says which abnormal class, not whether to flag.")
     doc.heading("Glossary")
-    doc.definitions([*GLOSSARY, *CALIBRATION_GLOSSARY])
+    doc.definitions(GLOSSARY)
     doc.heading("The data")
     doc.bullets([f"task: {metrics['task']}, split '{metrics['split']}': {metrics['items']} segments of "
                  f"{metrics['subjects']} subjects",
@@ -160,8 +132,7 @@ def build_evaluation_card(metrics: dict[str, Any], images: list[str]) -> Documen
         lines.append(f"this data would have chosen P(abnormal) >= {would['threshold']:.4f} ({would['method']}; Se "
                      f"{_pct(would['val_sensitivity'])}, Sp {_pct(would['val_specificity'])}): {would['use']}")
     doc.bullets(lines)
-    doc.heading("Calibration")
-    _calibration(doc, metrics, images)
+    calibration_section(doc, metrics["calibration"], "this data", images)
     doc.heading("Subgroups")
     _subgroups(doc, metrics)
     doc.heading("Warnings")

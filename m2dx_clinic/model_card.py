@@ -71,6 +71,13 @@ GLOSSARY = [
     ("NPV (negative predictive value)", "of the segments not flagged, the fraction that really are normal."),
     ("Youden J", "Se + Sp - 1 at a threshold; the default operating point maximises it on validation."),
     ("95 % CI", "the range the value would likely take on another sample of subjects like these."),
+    ("ECE (expected calibration error)", "segments are binned by their predicted probability; per bin the gap "
+                                         "between the mean probability and how often it came true, weighted by the "
+                                         "bin's share of segments. 0 = the probabilities mean what they say."),
+    ("Brier score", "the mean squared difference between the probabilities and the truth (1 for the true class, "
+                    "0 for the others); 0 is perfect, lower is better."),
+    ("temperature scaling", "one number T fitted on the validation split that softens (T > 1) or sharpens the "
+                            "probabilities; it never changes which class is most probable."),
 ]
 
 
@@ -118,6 +125,32 @@ def verdict(metrics: dict[str, Any], split: str) -> str:
     if auroc is not None:
         text += f" Its AUROC (abnormal vs normal) is {_pct(auroc)} % (chance 50 %)."
     return text
+
+
+def calibration_section(doc: Document, block: dict[str, Any] | None, where: str, images: list[str]) -> None:
+    """ECE and Brier of one scored split, before and after temperature scaling, and the reliability diagram."""
+    doc.heading(f"Calibration ({where})")
+    if not block:
+        doc.paragraph("Not measured.")
+        return
+    rows, shown = [], None
+    for label, key in (("before temperature scaling", "before_scaling"), ("after temperature scaling", "after_scaling"),
+                       ("no temperature scaling", "uncalibrated")):
+        report = block.get(key)
+        if report:
+            shown = report
+            rows.append([label, _pct(report["ece"]), f"{report['brier']:.4f}", _pct(report["ece_abnormal"]),
+                         f"{report['brier_abnormal']:.4f}"])
+    doc.table(Table(["probabilities", "ECE, top class (%)", "Brier", "ECE, P(abnormal) (%)", "Brier, P(abnormal)"], rows))
+    temperature = block.get("temperature")
+    doc.paragraph(f"ECE over {shown['bins']} {shown['binning']}; Brier 0 is perfect. "
+                  + (f"Temperature T = {temperature:.3f}, fitted on the validation split, is applied by predict, "
+                     "evaluate and export, and the operating point was chosen after it." if temperature else
+                     "No temperature was fitted (too few validation items or one class); probabilities are as the "
+                     "model gives them."))
+    if "reliability.png" in images:
+        doc.image("reliability.png", "reliability diagrams: observed frequency against predicted probability per bin "
+                                     "(the diagonal is perfect calibration; numbers are segments per bin)")
 
 
 def build_model_card(metrics: dict[str, Any], task_data: TaskData, splits: dict[str, list[Segment]],
@@ -218,6 +251,7 @@ def build_model_card(metrics: dict[str, Any], task_data: TaskData, splits: dict[
                            ("learning_curves.png", "learning curves")):
         if image in images:
             doc.image(image, caption)
+    calibration_section(doc, (metrics.get("calibration") or {}).get(split), split, images)
 
     doc.heading("Warnings")
     if metrics.get("warnings"):

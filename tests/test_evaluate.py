@@ -252,3 +252,100 @@ def test_train_on_three_devices_evaluate_on_the_fourth(icbhi_dir, tiny_ckpt, tmp
     card = (tmp_path / "eval" / "EVALUATION_CARD.md").read_text()
     assert "### device" in card and "AKG C417L" in card and "reliability.png" in card
     assert str(icbhi_dir) not in card and str(tmp_path) not in card
+
+
+# ---------------------------------------------------------------------------- temperature scaling end to end
+def _softmax_log(probs: np.ndarray, temperature: float) -> np.ndarray:
+    z = np.log(np.clip(probs, 1e-12, 1)) / temperature
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def tone_run(tmp_path_factory, tiny_ckpt) -> dict[str, Path]:
+    """Enough validation items (40) for a temperature: noise vs noise + a 1 kHz tone, 60 subjects, a quarter
+    of the labels flipped (so validation is not separable and the fitted T lies inside its bounds)."""
+    from conftest import write_wav
+
+    root = tmp_path_factory.mktemp("tone_t")
+    rng = np.random.default_rng(0)
+    t = np.arange(16000) / 16000
+    rows = []
+    for subject in range(60):
+        for k in range(2):
+            tone = bool((subject + k) % 2)
+            label = ("normal" if tone else "tone") if rng.uniform() < 0.25 else ("tone" if tone else "normal")
+            wave = 0.05 * rng.standard_normal(t.size) + (0.05 * np.sin(2 * np.pi * 1000 * t) if tone else 0)
+            write_wav(root / f"s{subject:02d}_{k}.wav", wave)
+            rows.append(f"s{subject:02d}_{k}.wav,{label},s{subject:02d}")
+    (root / "labels.csv").write_text("path,label,subject\n" + "\n".join(rows) + "\n")
+    recipe = load_recipe(FinetuneRecipe, "tiny_finetune", [
+        f"run.out='{root / 'run'}'", f"data.cache_dir='{root / 'cache'}'", "optim.epochs=2", "data.cycle_seconds=1.0",
+        "data.val_fraction=0.4", "run.num_workers=0", "run.bootstrap=20", "run.baseline=false"])
+    run = finetune(recipe, task="csv", data=root / "labels.csv", checkpoint=tiny_ckpt, progress=False).run_dir
+    return {"run": run, "csv": root / "labels.csv", "root": root}
+
+
+def test_temperature_is_fitted_on_validation_stored_and_applied_everywhere(tone_run, tmp_path):
+    from sklearn.metrics import roc_curve
+
+    from m2dx_clinic.checkpoint.classifier import load_classifier
+    from m2dx_clinic.export import export_classifier
+    from m2dx_clinic.predict import load_model_set, predict
+
+    run = tone_run["run"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    temperature = metrics["ensemble"]["calibration"]["temperature"]
+    assert metrics["ensemble"]["calibration"]["fitted_on"] == "validation"
+    assert not metrics["ensemble"]["calibration"]["at_bound"] and abs(math.log(temperature)) > 0.05
+    clf = load_classifier(run / "best.pt")
+    assert clf.meta["calibration"]["temperature"] == pytest.approx(temperature)  # one repeat: the same fit
+    pred = pd.read_csv(run / "predictions.csv")
+    cols = ["prob_normal", "prob_tone"]
+    val, test = pred[pred["split"] == "val"], pred[pred["split"] == "test"]
+    # the operating point was chosen on the SCALED validation probabilities (Youden J, this test's own code)
+    scaled_val = _softmax_log(val[cols].to_numpy(), temperature)
+    fpr, tpr, thresholds = roc_curve(val["true_index"] != 0, scaled_val[:, 1], drop_intermediate=False)
+    best = int(np.argmax(tpr[1:] - fpr[1:])) + 1
+    assert metrics["ensemble"]["operating_point"]["threshold"] == pytest.approx(thresholds[best], abs=1e-6)  # CSV keeps 8 digits
+    # before / after on test, recomputed from the raw probabilities the loop recorded
+    block = metrics["calibration"]["test"]
+    raw, y = test[cols].to_numpy(), test["true_index"].to_numpy()
+    for key, probs in (("before_scaling", raw), ("after_scaling", _softmax_log(raw, temperature))):
+        onehot = np.eye(2)[y]
+        assert block[key]["brier"] == pytest.approx(((probs - onehot) ** 2).sum(1).mean(), abs=1e-6)
+        assert block[key]["ece"] == pytest.approx(_ece(probs.max(1), (probs.argmax(1) == y).astype(float), 10), abs=1e-6)
+    assert "Temperature T = " in (run / "MODEL_CARD.md").read_text() and (run / "reliability.png").is_file()
+    # predict applies it
+    files = [tone_run["root"] / f"{Path(i).stem.split('#')[0]}.wav" for i in test["item_id"]]
+    got = predict(run, files, tmp_path / "pred", progress=False).segments
+    expected = _softmax_log(raw, temperature)
+    assert np.abs(got[cols].to_numpy() - expected).max() < 1e-5
+    # evaluate applies it and reproduces the run's test block exactly
+    evaluate_classifier(run, task="csv", data=tone_run["csv"], out=tmp_path / "eval", split="test", progress=False)
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    for key, value in metrics["ensemble"]["test"]["values"].items():
+        assert _same(again["result"]["values"][key], value), key
+    assert again["calibration"]["temperature"] == pytest.approx(temperature)
+    # export: the sidecar says so, and the ONNX graph outputs the scaled probabilities
+    written = export_classifier(load_model_set(run), "safetensors", tmp_path / "m.safetensors")
+    side = json.loads(Path(f"{written}.json").read_text())
+    assert side["temperature"] == pytest.approx(temperature) and "temperature scaling" in side["calibration"]
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from m2dx_clinic.data.segment_cache import prepare_segments
+
+    onnx_file = export_classifier(load_model_set(run), "onnx", tmp_path / "m.onnx")
+    assert json.loads(Path(f"{onnx_file}.json").read_text())["temperature"] == pytest.approx(temperature)
+    items = [it for it in load_task_items(tone_run["csv"]) if it.split == "test"]
+    lms = prepare_segments(items, frontend=clf.frontend, length_s=clf.segment_seconds, pad=clf.pad, cache_dir=None)[:]
+    x = clf.model.encoder.normalize(lms).unsqueeze(1).numpy()
+    out = ort.InferenceSession(str(onnx_file)).run(None, {"lms": x})[0]
+    by_id = test.set_index("item_id").loc[[it.item_id for it in items], cols].to_numpy()
+    assert np.abs(out - _softmax_log(by_id, temperature)).max() < 1e-4
+
+
+def load_task_items(csv: Path) -> list:
+    from m2dx_clinic.data.tasks import load_task
+
+    return load_task("csv", csv, val_fraction=0.4).items

@@ -8,8 +8,8 @@ ranking (docs/METHOD.md, "Calibration"):
 - Brier score: mean over items of sum over classes of (p_k - y_k)^2 (0 is perfect; 2 the worst),
   and the binary Brier of P(abnormal).
 - Temperature scaling: one number T > 0, p_T = softmax(log p / T), fitted by minimising the negative
-  log-likelihood on the VALIDATION split. T > 1 softens an over-confident model. It never changes the
-  most probable class of an item.
+  log-likelihood on the VALIDATION split (at least `MIN_TEMPERATURE_ITEMS` items, else none is fitted).
+  T > 1 softens an over-confident model. It never changes the most probable class of an item.
 Every function takes plain arrays, so a test can recompute each number from predictions.csv.
 """
 
@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 DEFAULT_BINS = 10
+MIN_TEMPERATURE_ITEMS = 30  # fewer validation items: no temperature is fitted (one number, but not from noise)
 BINNING = "equal-width bins on [0, 1]"
 _FLOOR = 1e-12  # log of a zero probability
 
@@ -76,17 +77,28 @@ def _nll(probs: np.ndarray, y: np.ndarray, temperature: float) -> float:
     return float(-np.log(np.clip(scaled[np.arange(len(y)), y], _FLOOR, 1.0)).mean())
 
 
-def fit_temperature(probs: np.ndarray, labels: Sequence[int], *, low: float = 0.05, high: float = 20.0) -> dict[str, Any] | None:
-    """The T minimising validation NLL (a bounded search over log T), or None with fewer than 2 items or 1 class."""
+def fit_temperature(probs: np.ndarray, labels: Sequence[int], *, low: float = 0.05, high: float = 20.0,
+                    min_items: int = MIN_TEMPERATURE_ITEMS) -> dict[str, Any] | None:
+    """The T minimising validation NLL (a bounded search over log T); None with fewer than `min_items` items or 1 class."""
     from scipy.optimize import minimize_scalar
 
     probs = np.asarray(probs, dtype=np.float64)
     y = np.asarray(labels, dtype=int)
-    if len(y) < 2 or len(np.unique(y)) < 2:
+    if len(y) < max(min_items, 2) or len(np.unique(y)) < 2:
         return None
     found = minimize_scalar(lambda log_t: _nll(probs, y, math.exp(log_t)), bounds=(math.log(low), math.log(high)),
                             method="bounded", options={"xatol": 1e-6})
     temperature = float(math.exp(found.x))
-    return {"temperature": temperature, "fitted_on": "validation", "n": int(len(y)),
+    at_bound = min(abs(found.x - math.log(low)), abs(found.x - math.log(high))) < 1e-3
+    return {"temperature": temperature, "fitted_on": "validation", "n": int(len(y)), "at_bound": bool(at_bound),
             "nll_before": _nll(probs, y, 1.0), "nll_after": _nll(probs, y, temperature),
             "method": "temperature scaling: softmax(log p / T), T minimising the validation negative log-likelihood"}
+
+
+def calibration_block(raw: np.ndarray, labels: Sequence[int], normal: int, temperature: float | None) -> dict[str, Any]:
+    """What metrics.json says about one scored split: `before_scaling` and `after_scaling` with a temperature,
+    else `uncalibrated`."""
+    if not temperature:
+        return {"uncalibrated": calibration_report(raw, labels, normal)}
+    return {"temperature": float(temperature), "before_scaling": calibration_report(raw, labels, normal),
+            "after_scaling": calibration_report(apply_temperature(raw, temperature), labels, normal)}

@@ -120,8 +120,10 @@ def plot_reliability(panels: Sequence[dict[str, Any]], path: Path, *, title: str
     """
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.2 * max(len(panels), 1), 4.8), layout="constrained")
-    axes = fig.subplots(1, max(len(panels), 1), squeeze=False)[0]
+    columns = min(max(len(panels), 1), 2)
+    rows = (max(len(panels), 1) + columns - 1) // columns
+    fig = Figure(figsize=(6.2 * columns, 4.8 * rows), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
     for ax, panel in zip(axes, panels):
         for row in panel["table"]:
             if not row["n"]:
@@ -141,3 +143,20 @@ def plot_reliability(panels: Sequence[dict[str, Any]], path: Path, *, title: str
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper left")
     atomic_savefig(fig, path, format="png", dpi=110)
+
+
+def plot_calibration(block: dict[str, Any], path: Path, *, title: str) -> None:
+    """reliability.png of one scored split (`calibration.calibration_block`): the most probable class and
+    P(abnormal), before and after temperature scaling when there is a temperature."""
+    panels = []
+    for key, when in (("before_scaling", "before scaling"), ("after_scaling", f"after T = {block.get('temperature', 0):.2f}"),
+                      ("uncalibrated", "")):
+        report = block.get(key)
+        if not report:
+            continue
+        suffix = f" ({when})" if when else ""
+        panels += [{"label": f"most probable class{suffix}", "table": report["reliability"], "ece": report["ece"],
+                    "xlabel": "highest class probability (mean in bin)"},
+                   {"label": f"P(abnormal){suffix}", "table": report["reliability_abnormal"],
+                    "ece": report["ece_abnormal"], "xlabel": "P(abnormal) (mean in bin)"}]
+    plot_reliability(panels, path, title=title)
