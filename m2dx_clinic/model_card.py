@@ -238,7 +238,9 @@ def build_model_card(metrics: dict[str, Any], task_data: TaskData, splits: dict[
     if point:
         doc.paragraph(f"Operating point: flag a segment abnormal when P(abnormal) >= {point['threshold']:.4f} "
                       f"({point['method']}; validation Se {_pct(point['val_sensitivity'])}, "
-                      f"Sp {_pct(point['val_specificity'])}). `m2dx predict` and the exports apply it.")
+                      f"Sp {_pct(point['val_specificity'])}). `m2dx predict`, `m2dx evaluate` and the exports apply "
+                      "it: it is the decision rule. Sp, Se, the ICBHI Score and accuracy use the most probable class "
+                      "(argmax), a secondary figure: which abnormal class, for comparison with the literature.")
     else:
         doc.paragraph("No operating point: the validation split lacks normal or abnormal items; `m2dx predict` "
                       "flags a segment abnormal when its most probable class is not the normal class.")

@@ -221,6 +221,8 @@ def predict(
         "classes": classes, "normal_class": classes[normal],
         "operating_point": models.operating_point,
         "abnormal_rule": f"P(abnormal) >= {threshold:.6g}" if threshold is not None else "most probable class is not normal",
+        "temperature": models.temperature,
+        **decision_rule(threshold),
         "segments_mode": segments, "window_seconds": window, "hop_seconds": hop,
         "segment_rule": head.meta.get("segment"), "segment_sources": modes,
         "recordings": len(rec_rows), "segments": len(seg_rows),
@@ -236,3 +238,24 @@ def predict(
     }
     atomic_write_json(out_dir / "summary.json", summary)
     return PredictResult(out_dir, seg_frame, rec_frame, failed, summary)
+
+
+def decision_rule(threshold: float | None) -> dict[str, str]:
+    """The one rule that flags a segment abnormal, and the secondary figure with what it means (summary.json)."""
+    if threshold is not None:
+        return {"decision_rule": f"a segment is flagged abnormal when P(abnormal) >= {threshold:.6g} (the operating "
+                                 "point chosen on validation); `abnormal` and `abnormal_fraction` follow it",
+                "secondary_figure": "`predicted` is the most probable class (argmax): which abnormal class the "
+                                    "model leans to, not whether to flag; it can say normal while segments are flagged"}
+    return {"decision_rule": "no operating point is stored: a segment is flagged abnormal when its most probable "
+                             "class (argmax) is not the normal class",
+            "secondary_figure": "P(abnormal) = 1 - P(normal): how sure the model is, shown without a threshold"}
+
+
+def describe_recording(row: dict[str, Any], summary: dict[str, Any]) -> str:
+    """One line per recording in the decision rule's words: flagged segments first, the most probable class second."""
+    rule = f"P(abnormal) >= {summary['operating_point']['threshold']:.3g}" if summary.get("operating_point") \
+        else "most probable class not normal"
+    return (f"{Path(row['recording']).name}: {100 * row['abnormal_fraction']:.0f} % of {row['segments']} segment(s) "
+            f"flagged abnormal ({rule}; max P(abnormal) {row['max_p_abnormal']:.2f}); secondary: most probable class "
+            f"on average {row['predicted']} (which class, not whether to flag)")

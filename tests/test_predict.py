@@ -143,6 +143,25 @@ def test_recordings_table_summarises_segments(finished_run, demo_icbhi, tmp_path
     assert summary["recordings"] == 2 and summary["real_time_factor"] > 0
 
 
+def test_predict_speaks_one_decision_rule(finished_run, demo_icbhi, tmp_path):
+    """The flag follows P(abnormal) at the operating point; the most probable class is named as secondary."""
+    files = _test_recordings(finished_run, demo_icbhi)[:2]
+    proc = subprocess.run([*CLI, "predict", "--model", str(finished_run), "--out", str(tmp_path / "p"),
+                           *map(str, files)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    threshold = summary["operating_point"]["threshold"]
+    assert f"P(abnormal) >= {threshold:.6g}" in summary["decision_rule"] and "argmax" in summary["secondary_figure"]
+    recs = pd.read_csv(tmp_path / "p" / "recordings.csv")
+    printed = " ".join((proc.stdout + proc.stderr).split())  # the console writes to stderr
+    for _, rec in recs.iterrows():
+        line = (f"{Path(rec['recording']).name}: {100 * rec['abnormal_fraction']:.0f} % of {rec['segments']} "
+                f"segment(s) flagged abnormal (P(abnormal) >= {threshold:.3g};")
+        assert line in printed, (line, printed)
+        assert f"secondary: most probable class on average {rec['predicted']} (which class, not whether to flag)" in printed
+    assert "predicted normal," not in printed
+
+
 def test_windows_any_rate_and_channels_and_csv_ranges(finished_run, tmp_path):
     rng = np.random.default_rng(0)
     stereo = write_wav(tmp_path / "in" / "stereo_44k.wav", 0.1 * rng.standard_normal((44100 * 19, 2)), 44100)

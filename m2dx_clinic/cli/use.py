@@ -70,12 +70,12 @@ def predict_cmd(
                          default=str))
         _exit_if_files_failed(result.failed)
         return
+    from ..predict import describe_recording
+
     for row in result.recordings.to_dict(orient="records"):
-        _console().print(f"{Path(row['recording']).name}: {row['predicted']}, abnormal in "
-                         f"{100 * row['abnormal_fraction']:.0f} % of {row['segments']} segment(s), "
-                         f"max P(abnormal) {row['max_p_abnormal']:.2f}", highlight=False)
+        _console().print(describe_recording(row, s), highlight=False)
     _console().print(f"classified {s['recordings']} recording(s), {s['segments']} segment(s) with "
-                     f"{len(s['classifier_files'])} classifier file(s); abnormal when {s['abnormal_rule']}")
+                     f"{len(s['classifier_files'])} classifier file(s); {s['decision_rule']}", highlight=False)
     if s["real_time_factor"]:
         _console().print(f"{s['recordings_per_s']:.2f} recordings/s, {s['real_time_factor']:.0f}x real time on {s['device']}")
     _console().print(f"[green]wrote[/] {out / 'segments.csv'}, {out / 'recordings.csv'}, {out / 'summary.json'}")
