@@ -9,7 +9,9 @@ published checkpoints):
 - `epoch`: the selected epoch;
 - `m2dx`: plain metadata: format and package version, class names and the normal class, norm stats,
   front-end settings, the segment rule (seconds, padding, chunked vs adjusted positions), geometry,
-  the resolved recipe, the operating point, a fingerprint of the training data, the scores.
+  the resolved recipe, the operating point, the temperature fitted on validation (`calibration`, None
+  when too few validation items; the operating point was chosen after it), a fingerprint of the training
+  data, the scores.
 
 `load_classifier(path)` returns a ready model with its metadata; `classifier_weights` /
 `classifier_from_weights` are the pickle-free view used by the safetensors export.
