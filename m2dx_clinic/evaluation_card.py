@@ -14,7 +14,7 @@ from typing import Any
 
 from .document import Document, Table
 from .fileio import atomic_write_text
-from .model_card import GLOSSARY, _ROWS, _pct, _with_ci, calibration_section
+from .model_card import GLOSSARY, _ROWS, _pct, _with_ci, calibration_section, subgroups_section
 from .provenance import INTERNAL_RECORDS, scrub
 
 EVALUATION_CARD_MD = "EVALUATION_CARD.md"
@@ -75,28 +75,6 @@ def _results(doc: Document, metrics: dict[str, Any]) -> None:
                      for c in metrics["classes"]]))
 
 
-def _subgroups(doc: Document, metrics: dict[str, Any]) -> None:
-    groups = metrics.get("subgroups") or {}
-    if not groups.get("groupings"):
-        doc.paragraph("The data names no device, location, sex, age band or chosen manifest column: no subgroups.")
-        return
-    doc.paragraph(f"Each group is scored alone, its 95 % CI from {groups.get('bootstrap')} bootstrap resamples over "
-                  "its own subjects, next to the rest of the data. A group with fewer than "
-                  f"{groups.get('min_subjects')} subjects or {groups.get('min_items')} segments is too small to judge.")
-    for name, grouping in groups["groupings"].items():
-        rows, css = [], []
-        for value, block in grouping["groups"].items():
-            rest = block["rest"]
-            rows.append([value, str(block["n"]), str(block["subjects"]), str(block["abnormal"]),
-                         _with_ci(block, "score"), _with_ci(block, "auroc_abnormal"), _with_ci(rest, "score"),
-                         _with_ci(rest, "auroc_abnormal"), block["judgement"]])
-            css.append({"below the rest": "err", "too small to judge": "warn"}.get(block["judgement"], ""))
-        unknown = f" ({grouping['unknown']} segments with no value are not scored)" if grouping["unknown"] else ""
-        doc.heading(f"{name.replace('_', ' ')}{unknown}", 3)
-        doc.table(Table([name.replace("_", " "), "segments", "subjects", "abnormal", "Score", "AUROC", "rest: Score",
-                         "rest: AUROC", "judgement"], rows, row_classes=css))
-
-
 def build_evaluation_card(metrics: dict[str, Any], images: list[str]) -> Document:
     """The card as a Document; everything it names passes `provenance.scrub` (no paths, recordings, subjects)."""
     classifier = metrics.get("classifier") or {}
@@ -134,7 +112,7 @@ def build_evaluation_card(metrics: dict[str, Any], images: list[str]) -> Documen
     doc.bullets(lines)
     calibration_section(doc, metrics["calibration"], "this data", images)
     doc.heading("Subgroups")
-    _subgroups(doc, metrics)
+    subgroups_section(doc, metrics.get("subgroups"))
     doc.heading("Warnings")
     warnings = [scrub(w) for w in metrics.get("warnings") or []]
     doc.warnings(warnings) if warnings else doc.paragraph("None.")

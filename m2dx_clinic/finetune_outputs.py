@@ -33,7 +33,9 @@ from .checkpoint.classifier import classifier_folder_name, save_classifier
 from .config import to_dict
 from .data.segments import Segment
 from .evaluation.baseline import chance_references, fit_baseline
+from .data.groupings import item_groupings
 from .evaluation.checks import result_warnings, summary_value
+from .evaluation.subgroups import subgroup_report
 from .evaluation.clinical import choose_operating_point, clinical_report, p_abnormal
 from .evaluation.calibration import apply_temperature, calibration_block, fit_temperature
 from .evaluation.plots import plot_calibration, plot_confusion, plot_learning_curves, plot_roc_pr
@@ -299,8 +301,12 @@ def evaluate_run(run: FinetuneRun, outcomes: Sequence[RepeatOutcome]) -> dict[st
         test_operating=(model.get("test") or {}).get("values") if (model.get("operating_point") or None) else None)
     calibration = {split: calibration_block(p, labels[split], normal, temperature and temperature["temperature"])
                    for split, p in raw.items()}
+    scored = "test" if "test" in probs else "val"
+    subgroups = subgroup_report(probs[scored], labels[scored], groups[scored], item_groupings(run.splits[scored]),
+                                normal, resamples=r.bootstrap, seed=r.seed) if scored in probs else None
+    warnings += (subgroups or {}).get("warnings", [])
     return {"ensemble": model, "baseline": baseline, "chance": chance, "chance_split": eval_split,
-            "calibration": calibration, "warnings": warnings, "_probs": probs,
+            "calibration": calibration, "subgroups": subgroups, "warnings": warnings, "_probs": probs,
             "_baseline_probs": fitted["probs"] if baseline else None}
 
 

@@ -153,6 +153,29 @@ def calibration_section(doc: Document, block: dict[str, Any] | None, where: str,
                                      "(the diagonal is perfect calibration; numbers are segments per bin)")
 
 
+def subgroups_section(doc: Document, groups: dict[str, Any] | None) -> None:
+    """Per grouping a table: n, subjects, Score and AUROC with CIs, the rest's, and the judgement."""
+    groups = groups or {}
+    if not groups.get("groupings"):
+        doc.paragraph("The data names no device, location, sex, age band or chosen manifest column: no subgroups.")
+        return
+    doc.paragraph(f"Each group is scored alone, its 95 % CI from {groups.get('bootstrap')} bootstrap resamples over "
+                  "its own subjects, next to the rest of the data. A group with fewer than "
+                  f"{groups.get('min_subjects')} subjects or {groups.get('min_items')} segments is too small to judge.")
+    for name, grouping in groups["groupings"].items():
+        rows, css = [], []
+        for value, block in grouping["groups"].items():
+            rest = block["rest"]
+            rows.append([value, str(block["n"]), str(block["subjects"]), str(block["abnormal"]),
+                         _with_ci(block, "score"), _with_ci(block, "auroc_abnormal"), _with_ci(rest, "score"),
+                         _with_ci(rest, "auroc_abnormal"), block["judgement"]])
+            css.append({"below the rest": "err", "too small to judge": "warn"}.get(block["judgement"], ""))
+        unknown = f" ({grouping['unknown']} segments with no value are not scored)" if grouping["unknown"] else ""
+        doc.heading(f"{name.replace('_', ' ')}{unknown}", 3)
+        doc.table(Table([name.replace("_", " "), "segments", "subjects", "abnormal", "Score", "AUROC", "rest: Score",
+                         "rest: AUROC", "judgement"], rows, row_classes=css))
+
+
 def build_model_card(metrics: dict[str, Any], task_data: TaskData, splits: dict[str, list[Segment]],
                      images: list[str]) -> Document:
     """The card as a Document (rendered to Markdown and HTML by the caller).
@@ -254,6 +277,8 @@ def build_model_card(metrics: dict[str, Any], task_data: TaskData, splits: dict[
         if image in images:
             doc.image(image, caption)
     calibration_section(doc, (metrics.get("calibration") or {}).get(split), split, images)
+    doc.heading(f"Subgroups ({split} split)")
+    subgroups_section(doc, metrics.get("subgroups"))
 
     doc.heading("Warnings")
     if metrics.get("warnings"):

@@ -68,6 +68,17 @@ def test_evaluate_reproduces_the_runs_test_metrics_exactly(finished_run, evaluat
         assert (evaluated_test / name).is_file(), name
 
 
+def test_finetune_reports_the_same_subgroups_and_calibration(finished_run, evaluated_test):
+    run = json.loads((finished_run / "metrics.json").read_text())
+    got = json.loads((evaluated_test / "metrics.json").read_text())
+    assert run["subgroups"]["groupings"] and run["subgroups"] == got["subgroups"]
+    for key in ("ece", "brier", "ece_abnormal", "brier_abnormal"):  # float32 batches differ in the last bits
+        assert run["calibration"]["test"]["uncalibrated"][key] == pytest.approx(got["calibration"]["uncalibrated"][key],
+                                                                                abs=1e-6), key
+    card = (finished_run / "MODEL_CARD.md").read_text()
+    assert "## Subgroups (test split)" in card and "### device" in card and "## Calibration (test)" in card
+
+
 def test_predictions_match_the_runs_ensemble_probabilities(finished_run, evaluated_test):
     theirs = pd.read_csv(finished_run / "predictions.csv")
     theirs = theirs[theirs["split"] == "test"]
