@@ -74,8 +74,8 @@ def class_labels(data_classes: Sequence[str], model_classes: Sequence[str], sour
 
 
 def original_result(models: ModelSet, model: str | Path) -> dict[str, Any] | None:
-    """The classifier's own test result: the run's ensemble (metrics.json) or the file's stored test scores."""
-    if len(models.members) > 1:
+    """The classifier's own test result: a run folder's ensemble (metrics.json) or the file's stored test scores."""
+    if Path(models.source).is_dir():  # a run folder, all its repeats: the block its card reports
         try:
             block = json.loads((Path(model) / "metrics.json").read_text(encoding="utf-8"))["ensemble"]["test"]
         except (OSError, ValueError, KeyError, TypeError):

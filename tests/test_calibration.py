@@ -105,3 +105,11 @@ def test_a_group_far_below_the_rest_is_flagged_and_a_tiny_one_only_noted():
     assert any("device = tiny" in n for n in report["notes"])
     assert groups["bad"]["n"] == int(bad.sum()) and groups["bad"]["rest"]["n"] == n - int(bad.sum())
     assert not math.isnan(groups["bad"]["ci95"]["score"][0])
+
+
+def test_no_temperature_from_separable_or_tiny_validation():
+    separable = np.array([[0.6, 0.4]] * 20 + [[0.4, 0.6]] * 20)
+    labels = np.array([0] * 20 + [1] * 20)
+    assert fit_temperature(separable, labels) is None  # NLL keeps falling as T -> 0: the search hits its bound
+    probs, y = _draw(29, seed=4, sharpen=3.0)
+    assert fit_temperature(probs, y) is None  # fewer than 30 items

@@ -8,7 +8,8 @@ ranking (docs/METHOD.md, "Calibration"):
 - Brier score: mean over items of sum over classes of (p_k - y_k)^2 (0 is perfect; 2 the worst),
   and the binary Brier of P(abnormal).
 - Temperature scaling: one number T > 0, p_T = softmax(log p / T), fitted by minimising the negative
-  log-likelihood on the VALIDATION split (at least `MIN_TEMPERATURE_ITEMS` items, else none is fitted).
+  log-likelihood on the VALIDATION split (at least `MIN_TEMPERATURE_ITEMS` items, else none is fitted;
+  an optimum at the search bounds, from separable or degenerate validation, is not used either).
   T > 1 softens an over-confident model. It never changes the most probable class of an item.
 Every function takes plain arrays, so a test can recompute each number from predictions.csv.
 """
@@ -79,7 +80,8 @@ def _nll(probs: np.ndarray, y: np.ndarray, temperature: float) -> float:
 
 def fit_temperature(probs: np.ndarray, labels: Sequence[int], *, low: float = 0.05, high: float = 20.0,
                     min_items: int = MIN_TEMPERATURE_ITEMS) -> dict[str, Any] | None:
-    """The T minimising validation NLL (a bounded search over log T); None with fewer than `min_items` items or 1 class."""
+    """The T minimising validation NLL (a bounded search over log T); None with fewer than `min_items` items,
+    one class, or an optimum at a bound."""
     from scipy.optimize import minimize_scalar
 
     probs = np.asarray(probs, dtype=np.float64)
@@ -89,8 +91,9 @@ def fit_temperature(probs: np.ndarray, labels: Sequence[int], *, low: float = 0.
     found = minimize_scalar(lambda log_t: _nll(probs, y, math.exp(log_t)), bounds=(math.log(low), math.log(high)),
                             method="bounded", options={"xatol": 1e-6})
     temperature = float(math.exp(found.x))
-    at_bound = min(abs(found.x - math.log(low)), abs(found.x - math.log(high))) < 1e-3
-    return {"temperature": temperature, "fitted_on": "validation", "n": int(len(y)), "at_bound": bool(at_bound),
+    if min(abs(found.x - math.log(low)), abs(found.x - math.log(high))) < 1e-3:
+        return None  # the search ran into a bound: separable or degenerate validation, no temperature to trust
+    return {"temperature": temperature, "fitted_on": "validation", "n": int(len(y)), "at_bound": False,
             "nll_before": _nll(probs, y, 1.0), "nll_after": _nll(probs, y, temperature),
             "method": "temperature scaling: softmax(log p / T), T minimising the validation negative log-likelihood"}
 
