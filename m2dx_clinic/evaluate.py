@@ -203,6 +203,10 @@ def _score(models: ModelSet, model: str | Path, raw: np.ndarray, items: list, in
                  "use": "NOT FOR USE: chosen on the data it is scored on, so optimistic; shown to see how far the "
                         "classifier's own operating point is from what this data would have chosen"}
     original = original_result(models, model)
+    comparison = compare(original, here)
+    warnings += [f"{row['metric']}: {100 * row['here']:.1f} % here against {100 * row['original']:.1f} % on the "
+                 "classifier's own test split, and the 95 % CIs do not overlap: it does differently on this data"
+                 for row in comparison if row["cis_overlap"] is False]
     groupings = item_groupings(items, manifest=Path(data).expanduser() if task.strip().lower() == "csv" else None,
                                columns=subgroups)
     groups = subgroup_report(probs, labels, subjects, groupings, normal, resamples=resamples, seed=seed)
@@ -230,7 +234,7 @@ def _score(models: ModelSet, model: str | Path, raw: np.ndarray, items: list, in
         "segment": meta.get("segment"), "frontend": meta.get("frontend"),
         "decision_rule": decision, "operating_point": point, "operating_point_this_data": would,
         "result": here, "chance": _chance(meta, classes, labels, normal), "original": original,
-        "comparison": compare(original, here), "calibration": calibration, "subgroups": groups,
+        "comparison": comparison, "calibration": calibration, "subgroups": groups,
         "warnings": [*warnings], "notes": [*td.notes, *groups["notes"]], "data_warnings": list(td.warnings),
         "classifier": {"task": meta.get("task"), "data_sha256": (meta.get("data") or {}).get("sha256"),
                        "trained_counts": ((meta.get("data") or {}).get("counts") or {}).get("train"),

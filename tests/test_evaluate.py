@@ -258,6 +258,13 @@ def test_train_on_three_devices_evaluate_on_the_fourth(icbhi_dir, tiny_ckpt, tmp
         sex, band = people[str(subject)]
         assert set(rows["group_sex"].fillna("?")) == {{"F": "female", "M": "male"}.get(sex, "?")}
         assert set(rows["group_age_band"].fillna("?")) == {band or "?"}
+    rows = [r for r in metrics["comparison"] if r["cis_overlap"] is False]
+    assert {r["metric"] for r in rows} == {w.split(":")[0] for w in metrics["warnings"] if "do not overlap" in w}
+    for row in metrics["comparison"]:  # the difference and the overlap, recomputed
+        assert row["difference"] == pytest.approx(row["here"] - row["original"])
+        if row["cis_overlap"] is not None:
+            (a, b), (c, d) = row["original_ci95"], row["here_ci95"]
+            assert row["cis_overlap"] == (a <= d and c <= b)
     calibration = metrics["calibration"]["uncalibrated"]
     assert calibration["n"] == len(pred) and 0 <= calibration["ece"] <= 1 and 0 <= calibration["brier"] <= 2
     card = (tmp_path / "eval" / "EVALUATION_CARD.md").read_text()
