@@ -6,9 +6,9 @@ operating point; `--repeat K` or a classifier file exports that one file.
 
 Both write the model plus a JSON sidecar (`<out>.json`) that says how to feed it: class names and
 the normal class, the front-end (sample rate, mel settings), the segment rule (length, padding),
-the normalisation statistics and the operating point. The ONNX graph takes the NORMALISED log-mel
+the normalisation statistics, the temperature and the operating point. The ONNX graph takes the NORMALISED log-mel
 segment `[batch, 1, n_mels, frames]` ((log-mel - mean) / std, the sidecar's `norm_stats`) and
-returns class probabilities; the log-mel itself stays in the caller's hands because the exporter
+returns class probabilities (after the temperature, when the classifier has one); the log-mel itself stays in the caller's hands because the exporter
 cannot reproduce torchaudio's STFT faithfully.
 
 By default (`provenance="clean"`) nothing exported names the exporting machine: the ONNX file loses
@@ -37,15 +37,19 @@ ExportFormat = Literal["onnx", "safetensors"]
 class _Probabilities(torch.nn.Module):
     """The classifier (or the mean of a run's repeats) with a softmax on top: what a deployment wants."""
 
-    def __init__(self, members: Sequence[torch.nn.Module]):
+    def __init__(self, members: Sequence[torch.nn.Module], temperature: float | None = None):
         super().__init__()
         self.members = torch.nn.ModuleList(members)
+        self.temperature = temperature  # temperature scaling of the (mean) probabilities, as predict applies it
 
     def forward(self, lms: torch.Tensor) -> torch.Tensor:  # [B, 1, n_mels, frames] -> [B, K]
         probs = torch.softmax(self.members[0](lms), dim=-1)
         for member in self.members[1:]:
             probs = probs + torch.softmax(member(lms), dim=-1)
-        return probs / len(self.members)
+        probs = probs / len(self.members)
+        if self.temperature:  # softmax(log p / T), `evaluation.calibration.apply_temperature`
+            probs = torch.softmax(torch.log(probs.clamp_min(1e-12)) / self.temperature, dim=-1)
+        return probs
 
 
 def input_frames(clf: LoadedClassifier) -> int:
@@ -57,7 +61,8 @@ def input_frames(clf: LoadedClassifier) -> int:
 def _as_model_set(model: LoadedClassifier | ModelSet) -> ModelSet:
     if isinstance(model, ModelSet):
         return model
-    return ModelSet([model], model.operating_point, str(model.path))
+    temperature = (model.meta.get("calibration") or {}).get("temperature")
+    return ModelSet([model], model.operating_point, str(model.path), temperature)
 
 
 def what_is_exported(models: ModelSet) -> str:
@@ -86,6 +91,10 @@ def sidecar(model: LoadedClassifier | ModelSet, fmt: str, provenance: Provenance
         "output": {"name": "probs", "meaning": "class probabilities, in the order of `classes`"
                    + (f" (the mean of {len(models.members)} members)" if len(models.members) > 1 else "")},
         "abnormal_rule": "P(abnormal) = 1 - probs[normal_class_index] >= operating_point.threshold",
+        "temperature": models.temperature,
+        "calibration": (f"temperature scaling T = {models.temperature:.6g} (fitted on validation): ONNX output "
+                        "already includes it; with safetensors apply softmax(log(mean probs) / T) before the "
+                        "operating point" if models.temperature else "none: probabilities as the model gives them"),
         "source": str(source) if provenance == "full" else source.name, "package_version": meta.get("package_version"),
         "vit_config": meta.get("vit_config"), "data": meta.get("data"), "scores": meta.get("scores"),
     })
@@ -131,7 +140,7 @@ def export_onnx(model: LoadedClassifier | ModelSet, out: Path, provenance: Prove
     models = _as_model_set(model)
     clf = models.first
     out.parent.mkdir(parents=True, exist_ok=True)
-    module = _Probabilities([m.model.eval().cpu() for m in models.members])
+    module = _Probabilities([m.model.eval().cpu() for m in models.members], models.temperature)
     example = torch.zeros(2, 1, clf.frontend.n_mels, input_frames(clf))
     tmp = out.with_name(f".{out.name}.export.onnx")
     with warnings.catch_warnings():

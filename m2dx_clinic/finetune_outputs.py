@@ -8,7 +8,8 @@ classifier file per repeat), `best.pt` (the selected repeat's file), `MODEL_CARD
 tests do exactly that.
 
 Judging (`evaluate_run`): the repeats' probabilities averaged (the ensemble `m2dx predict` applies
-by default) with clinical metrics, 95 % CIs by a bootstrap over subjects, an operating point chosen
+by default), temperature-scaled when validation allows (`evaluation.calibration`; ECE / Brier before
+and after in `calibration`, reliability.png), with clinical metrics, 95 % CIs by a bootstrap over subjects, an operating point chosen
 on validation, the log-mel statistics + logistic regression baseline on the same segments, the
 chance references, and the warnings a reviewer would raise.
 """
@@ -32,9 +33,12 @@ from .checkpoint.classifier import classifier_folder_name, save_classifier
 from .config import to_dict
 from .data.segments import Segment
 from .evaluation.baseline import chance_references, fit_baseline
+from .data.groupings import item_groupings
 from .evaluation.checks import result_warnings, summary_value
+from .evaluation.subgroups import subgroup_report
 from .evaluation.clinical import choose_operating_point, clinical_report, p_abnormal
-from .evaluation.plots import plot_confusion, plot_learning_curves, plot_roc_pr
+from .evaluation.calibration import apply_temperature, calibration_block, fit_temperature
+from .evaluation.plots import plot_calibration, plot_confusion, plot_learning_curves, plot_roc_pr
 from .finetune_run import FinetuneRun, RepeatOutcome
 from .fileio import atomic_link_or_copy, atomic_write_csv, atomic_write_json, to_jsonable
 from .evaluation.ood import profile_of
@@ -147,9 +151,12 @@ def classifier_meta(run: FinetuneRun, outcome: RepeatOutcome) -> dict[str, Any]:
     prep, td = run.prepared, run.task_data
     recipe, encoder = prep.recipe, prep.encoder
     classes = list(prep.classes)
-    point = None
+    point, calibration = None, None
     if outcome.val_probs is not None and len(prep.labels.get("val", [])):
-        point = choose_operating_point(outcome.val_probs.numpy(), prep.labels["val"], prep.normal_class,
+        val = outcome.val_probs.numpy().astype(np.float64)  # [N, K]
+        calibration = fit_temperature(val, prep.labels["val"])
+        val = apply_temperature(val, calibration["temperature"]) if calibration else val
+        point = choose_operating_point(val, prep.labels["val"], prep.normal_class,
                                        target_sensitivity=recipe.run.target_sensitivity)
     prov = run.provenance
     data = {**td.fingerprint(run.splits), "task": prov.name} if prov.mode == "clean" else td.fingerprint(run.splits)
@@ -165,6 +172,7 @@ def classifier_meta(run: FinetuneRun, outcome: RepeatOutcome) -> dict[str, Any]:
         "vit_config": to_dict(encoder.config),
         "recipe": to_dict(shippable_recipe(recipe, prov)),
         "operating_point": point,
+        "calibration": calibration,
         "data": data,
         "audio_profile": profile_of(run.splits["train"], prep.lms["train"], run.frontend.frames_per_second),
         "scores": {"val": _named_metrics(outcome.val, classes), "test": _named_metrics(outcome.test, classes)},
@@ -267,7 +275,10 @@ def evaluate_run(run: FinetuneRun, outcomes: Sequence[RepeatOutcome]) -> dict[st
     recipe, r = prep.recipe, prep.recipe.run
     classes, normal, labels = prep.classes, prep.normal_class, prep.labels
     groups = {split: [str(it.subject) for it in items] for split, items in run.splits.items()}
-    probs = {split: p for split in ("val", "test") if (p := _ensemble(outcomes, split)) is not None}
+    raw = {split: p for split in ("val", "test") if (p := _ensemble(outcomes, split)) is not None}
+    # temperature scaling fitted on the ensemble's validation probabilities; what predict and export apply
+    temperature = fit_temperature(raw["val"], labels["val"]) if "val" in raw else None
+    probs = {s: apply_temperature(p, temperature["temperature"]) for s, p in raw.items()} if temperature else raw
 
     def judged(split_probs: dict[str, np.ndarray]) -> dict[str, Any]:
         point = (choose_operating_point(split_probs["val"], labels["val"], normal, target_sensitivity=r.target_sensitivity)
@@ -279,7 +290,7 @@ def evaluate_run(run: FinetuneRun, outcomes: Sequence[RepeatOutcome]) -> dict[st
                                          resamples=r.bootstrap if split == "test" else 0, seed=r.seed)
         return out
 
-    model = {"repeats": len(outcomes), **judged(probs)}
+    model = {"repeats": len(outcomes), "calibration": temperature, **judged(probs)}
     baseline = None
     if r.baseline:
         fitted = fit_baseline({s: prep.lms[s] for s in labels}, labels, num_classes=len(classes), normal=normal,
@@ -297,8 +308,15 @@ def evaluate_run(run: FinetuneRun, outcomes: Sequence[RepeatOutcome]) -> dict[st
         chance=chance, test_score=summary_value((model.get("test") or {}).get("values"), "score"),
         baseline_test_score=summary_value(((baseline or {}).get("test") or {}).get("values"), "score"),
         test_operating=(model.get("test") or {}).get("values") if (model.get("operating_point") or None) else None)
+    calibration = {split: calibration_block(p, labels[split], normal, temperature and temperature["temperature"])
+                   for split, p in raw.items()}
+    scored = "test" if "test" in probs else "val"
+    subgroups = subgroup_report(probs[scored], labels[scored], groups[scored], item_groupings(run.splits[scored]),
+                                normal, resamples=r.bootstrap, seed=r.seed) if scored in probs else None
+    warnings += (subgroups or {}).get("warnings", [])
     return {"ensemble": model, "baseline": baseline, "chance": chance, "chance_split": eval_split,
-            "warnings": warnings, "_probs": probs, "_baseline_probs": fitted["probs"] if baseline else None}
+            "calibration": calibration, "subgroups": subgroups, "warnings": warnings, "_probs": probs,
+            "_baseline_probs": fitted["probs"] if baseline else None}
 
 
 def comparison_table(evaluation: dict[str, Any], *, split: str, title: str) -> Any:
@@ -433,6 +451,9 @@ def write_outputs(run: FinetuneRun, outcomes: Sequence[RepeatOutcome], *, progre
     plot_learning_curves(epochs_frame, label, run_dir / "learning_curves.png")
     if evaluation is not None:
         _plot_curves(run, evaluation)
+        split = "test" if "test" in evaluation["calibration"] else "val"
+        if split in evaluation["calibration"]:
+            plot_calibration(evaluation["calibration"][split], run_dir / "reliability.png", title=f"{split} split")
         write_model_card(run_dir, metrics, run.task_data, run.splits)
     if progress:
         title = f"{td.name}: {agg_split} split over {len(outcomes)} run(s) — selection: {label}"

@@ -71,6 +71,13 @@ GLOSSARY = [
     ("NPV (negative predictive value)", "of the segments not flagged, the fraction that really are normal."),
     ("Youden J", "Se + Sp - 1 at a threshold; the default operating point maximises it on validation."),
     ("95 % CI", "the range the value would likely take on another sample of subjects like these."),
+    ("ECE (expected calibration error)", "segments are binned by their predicted probability; per bin the gap "
+                                         "between the mean probability and how often it came true, weighted by the "
+                                         "bin's share of segments. 0 = the probabilities mean what they say."),
+    ("Brier score", "the mean squared difference between the probabilities and the truth (1 for the true class, "
+                    "0 for the others); 0 is perfect, lower is better."),
+    ("temperature scaling", "one number T fitted on the validation split that softens (T > 1) or sharpens the "
+                            "probabilities; it never changes which class is most probable."),
 ]
 
 
@@ -118,6 +125,55 @@ def verdict(metrics: dict[str, Any], split: str) -> str:
     if auroc is not None:
         text += f" Its AUROC (abnormal vs normal) is {_pct(auroc)} % (chance 50 %)."
     return text
+
+
+def calibration_section(doc: Document, block: dict[str, Any] | None, where: str, images: list[str]) -> None:
+    """ECE and Brier of one scored split, before and after temperature scaling, and the reliability diagram."""
+    doc.heading(f"Calibration ({where})")
+    if not block:
+        doc.paragraph("Not measured.")
+        return
+    rows, shown = [], None
+    for label, key in (("before temperature scaling", "before_scaling"), ("after temperature scaling", "after_scaling"),
+                       ("no temperature scaling", "uncalibrated")):
+        report = block.get(key)
+        if report:
+            shown = report
+            rows.append([label, _pct(report["ece"]), f"{report['brier']:.4f}", _pct(report["ece_abnormal"]),
+                         f"{report['brier_abnormal']:.4f}"])
+    doc.table(Table(["probabilities", "ECE, top class (%)", "Brier", "ECE, P(abnormal) (%)", "Brier, P(abnormal)"], rows))
+    temperature = block.get("temperature")
+    doc.paragraph(f"ECE over {shown['bins']} {shown['binning']}; Brier 0 is perfect. "
+                  + (f"Temperature T = {temperature:.3f}, fitted on the validation split, is applied by predict, "
+                     "evaluate and export, and the operating point was chosen after it." if temperature else
+                     "No temperature was fitted (too few validation items or one class); probabilities are as the "
+                     "model gives them."))
+    if "reliability.png" in images:
+        doc.image("reliability.png", "reliability diagrams: observed frequency against predicted probability per bin "
+                                     "(the diagonal is perfect calibration; numbers are segments per bin)")
+
+
+def subgroups_section(doc: Document, groups: dict[str, Any] | None) -> None:
+    """Per grouping a table: n, subjects, Score and AUROC with CIs, the rest's, and the judgement."""
+    groups = groups or {}
+    if not groups.get("groupings"):
+        doc.paragraph("The data names no device, location, sex, age band or chosen manifest column: no subgroups.")
+        return
+    doc.paragraph(f"Each group is scored alone, its 95 % CI from {groups.get('bootstrap')} bootstrap resamples over "
+                  "its own subjects, next to the rest of the data. A group with fewer than "
+                  f"{groups.get('min_subjects')} subjects or {groups.get('min_items')} segments is too small to judge.")
+    for name, grouping in groups["groupings"].items():
+        rows, css = [], []
+        for value, block in grouping["groups"].items():
+            rest = block["rest"]
+            rows.append([value, str(block["n"]), str(block["subjects"]), str(block["abnormal"]),
+                         _with_ci(block, "score"), _with_ci(block, "auroc_abnormal"), _with_ci(rest, "score"),
+                         _with_ci(rest, "auroc_abnormal"), block["judgement"]])
+            css.append({"below the rest": "err", "too small to judge": "warn"}.get(block["judgement"], ""))
+        unknown = f" ({grouping['unknown']} segments with no value are not scored)" if grouping["unknown"] else ""
+        doc.heading(f"{name.replace('_', ' ')}{unknown}", 3)
+        doc.table(Table([name.replace("_", " "), "segments", "subjects", "abnormal", "Score", "AUROC", "rest: Score",
+                         "rest: AUROC", "judgement"], rows, row_classes=css))
 
 
 def build_model_card(metrics: dict[str, Any], task_data: TaskData, splits: dict[str, list[Segment]],
@@ -207,7 +263,9 @@ def build_model_card(metrics: dict[str, Any], task_data: TaskData, splits: dict[
     if point:
         doc.paragraph(f"Operating point: flag a segment abnormal when P(abnormal) >= {point['threshold']:.4f} "
                       f"({point['method']}; validation Se {_pct(point['val_sensitivity'])}, "
-                      f"Sp {_pct(point['val_specificity'])}). `m2dx predict` and the exports apply it.")
+                      f"Sp {_pct(point['val_specificity'])}). `m2dx predict`, `m2dx evaluate` and the exports apply "
+                      "it: it is the decision rule. Sp, Se, the ICBHI Score and accuracy use the most probable class "
+                      "(argmax), a secondary figure: which abnormal class, for comparison with the literature.")
     else:
         doc.paragraph("No operating point: the validation split lacks normal or abnormal items; `m2dx predict` "
                       "flags a segment abnormal when its most probable class is not the normal class.")
@@ -220,6 +278,9 @@ def build_model_card(metrics: dict[str, Any], task_data: TaskData, splits: dict[
                            ("learning_curves.png", "learning curves")):
         if image in images:
             doc.image(image, caption)
+    calibration_section(doc, (metrics.get("calibration") or {}).get(split), split, images)
+    doc.heading(f"Subgroups ({split} split)")
+    subgroups_section(doc, metrics.get("subgroups"))
 
     doc.heading("Warnings")
     if metrics.get("warnings"):

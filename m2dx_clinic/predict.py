@@ -35,6 +35,7 @@ from .data.segment_cache import prepare_segments, readable_rows
 from .data.segments import Segment
 from .errors import AudioError, CheckpointError, ConfigError, M2DXError
 from .evaluation import ood
+from .evaluation.calibration import apply_temperature
 from .fileio import atomic_write_csv, atomic_write_json
 from .inference import (Recording, SegmentMode, collect_inputs, mean_probabilities,  # noqa: F401 (Recording: re-exported)
                         plan_segments, too_short)
@@ -51,6 +52,7 @@ class ModelSet:
     members: list[LoadedClassifier]
     operating_point: dict[str, Any] | None
     source: str
+    temperature: float | None = None  # temperature scaling fitted on validation (`evaluation.calibration`); None: none
 
     @property
     def first(self) -> LoadedClassifier:
@@ -63,7 +65,7 @@ def load_model_set(model: str | Path, *, repeat: int | None = None, candidate: s
     path = candidate_folder(model, candidate)
     if path.is_file() or repeat is not None:
         member = load_classifier(find_classifier(path, repeat))
-        return ModelSet([member], member.operating_point, str(member.path))
+        return ModelSet([member], member.operating_point, str(member.path), _temperature(member.meta))
     find_classifier(path)  # a folder that is not a fine-tuning run: one clear line
     members = [load_classifier(f) for f in classifier_files(path)]
     for other in members[1:]:
@@ -71,14 +73,22 @@ def load_model_set(model: str | Path, *, repeat: int | None = None, candidate: s
                 (members[0].classes, members[0].frontend, members[0].segment_seconds, members[0].pad):
             raise CheckpointError(f"{other.path}: another class list, front-end or segment rule than "
                                   f"{members[0].path}; a run's repeats must agree (pass one with --repeat)")
-    point = members[0].operating_point
-    if len(members) > 1:  # the ensemble's own point, chosen on its averaged validation probabilities
+    point, temperature = members[0].operating_point, _temperature(members[0].meta)
+    if len(members) > 1:  # the ensemble's own point and temperature, fitted on its averaged validation probabilities
         try:
-            point = json.loads((path / "metrics.json").read_text(encoding="utf-8"))["ensemble"]["operating_point"]
+            ensemble = json.loads((path / "metrics.json").read_text(encoding="utf-8"))["ensemble"]
+            point = ensemble["operating_point"]
         except (OSError, ValueError, KeyError, TypeError):
             raise CheckpointError(f"{path}: metrics.json is missing or damaged, so the ensemble's operating point "
                                   "is unknown; pass one repeat with --repeat") from None
-    return ModelSet(members, point, str(path))
+        temperature = _temperature(ensemble)
+    return ModelSet(members, point, str(path), temperature)
+
+
+def _temperature(block: dict[str, Any]) -> float | None:
+    """The temperature a classifier file's metadata or a run's ensemble block carries (None: not fitted)."""
+    value = (block.get("calibration") or {}).get("temperature") if isinstance(block, dict) else None
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
 def _ood_flags(profile: dict[str, Any] | None, items: list[Segment], lms: torch.Tensor, rate: int,
@@ -94,9 +104,11 @@ def _ood_flags(profile: dict[str, Any] | None, items: list[Segment], lms: torch.
 
 def probabilities(models: ModelSet, lms: torch.Tensor, *, device: torch.device, batch_size: int,
                   amp_dtype: torch.dtype | None = None) -> np.ndarray:
-    """Mean class probabilities [N, K] of the model set on raw log-mel [N, n_mels, frames] (per-sample normalised)."""
-    return mean_probabilities([m.model for m in models.members], lms, device=device, batch_size=batch_size,
-                              amp_dtype=amp_dtype)
+    """Mean class probabilities [N, K] of the model set on raw log-mel [N, n_mels, frames] (per-sample normalised),
+    after the set's temperature when it has one (what its operating point was chosen on)."""
+    probs = mean_probabilities([m.model for m in models.members], lms, device=device, batch_size=batch_size,
+                               amp_dtype=amp_dtype)
+    return apply_temperature(probs, models.temperature) if models.temperature else probs
 
 
 @dataclass
@@ -213,6 +225,8 @@ def predict(
         "classes": classes, "normal_class": classes[normal],
         "operating_point": models.operating_point,
         "abnormal_rule": f"P(abnormal) >= {threshold:.6g}" if threshold is not None else "most probable class is not normal",
+        "temperature": models.temperature,
+        **decision_rule(threshold),
         "segments_mode": segments, "window_seconds": window, "hop_seconds": hop,
         "segment_rule": head.meta.get("segment"), "segment_sources": modes,
         "recordings": len(rec_rows), "segments": len(seg_rows),
@@ -228,3 +242,24 @@ def predict(
     }
     atomic_write_json(out_dir / "summary.json", summary)
     return PredictResult(out_dir, seg_frame, rec_frame, failed, summary)
+
+
+def decision_rule(threshold: float | None) -> dict[str, str]:
+    """The one rule that flags a segment abnormal, and the secondary figure with what it means (summary.json)."""
+    if threshold is not None:
+        return {"decision_rule": f"a segment is flagged abnormal when P(abnormal) >= {threshold:.6g} (the operating "
+                                 "point chosen on validation); `abnormal` and `abnormal_fraction` follow it",
+                "secondary_figure": "`predicted` is the most probable class (argmax): which abnormal class the "
+                                    "model leans to, not whether to flag; it can say normal while segments are flagged"}
+    return {"decision_rule": "no operating point is stored: a segment is flagged abnormal when its most probable "
+                             "class (argmax) is not the normal class",
+            "secondary_figure": "P(abnormal) = 1 - P(normal): how sure the model is, shown without a threshold"}
+
+
+def describe_recording(row: dict[str, Any], summary: dict[str, Any]) -> str:
+    """One line per recording in the decision rule's words: flagged segments first, the most probable class second."""
+    rule = f"P(abnormal) >= {summary['operating_point']['threshold']:.3g}" if summary.get("operating_point") \
+        else "most probable class not normal"
+    return (f"{Path(row['recording']).name}: {100 * row['abnormal_fraction']:.0f} % of {row['segments']} segment(s) "
+            f"flagged abnormal ({rule}; max P(abnormal) {row['max_p_abnormal']:.2f}); secondary: most probable class "
+            f"on average {row['predicted']} (which class, not whether to flag)")

@@ -22,7 +22,7 @@ from .data.icbhi import SPLIT_FILE, annotation_dir
 from .demo_data import demo_noise_dir, make_demo_icbhi
 from .errors import ConfigError
 from .finetune import finetune
-from .predict import predict
+from .predict import describe_recording, predict
 from .pretrain import resume_run, start_run
 from .recipes import FinetuneRecipe, PretrainRecipe
 from .rundir import check_inputs, fingerprint, hold, record_inputs, tree_fingerprint
@@ -95,9 +95,7 @@ def _journey(out: Path, data: Path | None, noise: Path | None, progress: bool) -
     recording = _a_test_recording(ft_dir, audio_dir)
     predicted = predict(ft_dir, [recording], out / "predictions", progress=progress)
     for row in predicted.recordings.to_dict("records"):
-        console.print(f"{Path(row['recording']).name}: {row['segments']} cycle(s), predicted {row['predicted']}, "
-                      f"{100 * row['abnormal_fraction']:.0f}% of cycles flagged abnormal "
-                      f"({predicted.summary['abnormal_rule']})")
+        console.print(describe_recording(row, predicted.summary), highlight=False)
 
     paths = {
         "data": data,

@@ -143,6 +143,25 @@ def test_recordings_table_summarises_segments(finished_run, demo_icbhi, tmp_path
     assert summary["recordings"] == 2 and summary["real_time_factor"] > 0
 
 
+def test_predict_speaks_one_decision_rule(finished_run, demo_icbhi, tmp_path):
+    """The flag follows P(abnormal) at the operating point; the most probable class is named as secondary."""
+    files = _test_recordings(finished_run, demo_icbhi)[:2]
+    proc = subprocess.run([*CLI, "predict", "--model", str(finished_run), "--out", str(tmp_path / "p"),
+                           *map(str, files)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    threshold = summary["operating_point"]["threshold"]
+    assert f"P(abnormal) >= {threshold:.6g}" in summary["decision_rule"] and "argmax" in summary["secondary_figure"]
+    recs = pd.read_csv(tmp_path / "p" / "recordings.csv")
+    printed = " ".join((proc.stdout + proc.stderr).split())  # the console writes to stderr
+    for _, rec in recs.iterrows():
+        line = (f"{Path(rec['recording']).name}: {100 * rec['abnormal_fraction']:.0f} % of {rec['segments']} "
+                f"segment(s) flagged abnormal (P(abnormal) >= {threshold:.3g};")
+        assert line in printed, (line, printed)
+        assert f"secondary: most probable class on average {rec['predicted']} (which class, not whether to flag)" in printed
+    assert "predicted normal," not in printed
+
+
 def test_windows_any_rate_and_channels_and_csv_ranges(finished_run, tmp_path):
     rng = np.random.default_rng(0)
     stereo = write_wav(tmp_path / "in" / "stereo_44k.wav", 0.1 * rng.standard_normal((44100 * 19, 2)), 44100)
@@ -207,6 +226,16 @@ def test_a_pretraining_checkpoint_or_a_broken_classifier_is_one_line(finished_ru
 
 
 # ---------------------------------------------------------------------------- exports
+def _temperature_scaled(probs: np.ndarray, meta: dict) -> np.ndarray:
+    """softmax(log p / T) with the file's temperature (unchanged when none was fitted), by this test's own code."""
+    temperature = (meta.get("calibration") or {}).get("temperature")
+    if not temperature:
+        return probs
+    z = np.log(np.clip(probs, 1e-12, 1)) / temperature
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
 def _segments_lms(clf, data: Path, task: str = "icbhi", n: int = 6) -> torch.Tensor:
     items = load_task(task, data).split("test")[:n]
     lms = prepare_segments(items, frontend=clf.frontend, length_s=clf.segment_seconds, pad=clf.pad,
@@ -222,7 +251,7 @@ def _check_onnx_and_safetensors(run: Path, data: Path, tmp_path: Path) -> None:
     clf = load_classifier(run / "best.pt")
     x = _segments_lms(clf, data)
     with torch.inference_mode():
-        expected = torch.softmax(clf.model(x), dim=-1).numpy()
+        expected = _temperature_scaled(torch.softmax(clf.model(x), dim=-1).numpy(), clf.meta)
     onnx_path = export_classifier(clf, "onnx", tmp_path / "model.onnx")
     session = ort.InferenceSession(str(onnx_path))
     got = session.run(None, {"lms": x.numpy()})[0]
@@ -251,7 +280,8 @@ def test_predict_and_exports_on_real_icbhi(icbhi_dir, tiny_ckpt, tmp_path):
     classes = json.loads((run / "metrics.json").read_text())["classes"]
     files = _test_recordings(run, icbhi_dir)[:6]
     result = predict(run, files, tmp_path / "pred", progress=False)
-    expected = _training_rows(run, classes, repeat=0)
+    expected = _training_rows(run, classes, repeat=0)  # predict applies the file's temperature to these
+    expected.loc[:, :] = _temperature_scaled(expected.to_numpy(), load_classifier(run / "best.pt").meta)
     got = _predicted_by_item(result.segments, classes)
     common = expected.index.intersection(got.index)  # the run used a subset of each recording's cycles
     assert len(common) >= 3

@@ -9,7 +9,9 @@ published checkpoints):
 - `epoch`: the selected epoch;
 - `m2dx`: plain metadata: format and package version, class names and the normal class, norm stats,
   front-end settings, the segment rule (seconds, padding, chunked vs adjusted positions), geometry,
-  the resolved recipe, the operating point, a fingerprint of the training data, the scores.
+  the resolved recipe, the operating point, the temperature fitted on validation (`calibration`, None
+  when too few validation items; the operating point was chosen after it), a fingerprint of the training
+  data, the scores.
 
 A linear-evaluation file (`m2dx finetune --mode linear`) is the same layout: the frozen encoder and
 the logistic regression folded into `head`; its `standardise` (mean, scale) and `logistic` (coef,

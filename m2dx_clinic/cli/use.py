@@ -1,4 +1,4 @@
-"""Commands that use a trained model: embed, predict, review, export, and the quickstart journey."""
+"""Commands that use a trained model: embed, predict, review, evaluate, export, and the quickstart journey."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ..errors import ConfigError
-from .common import CHECKPOINT_HELP, DEVICE_HELP, PROVENANCE_HELP, _console, app
+from .common import CHECKPOINT_HELP, DATA_HELP, DEVICE_HELP, PROVENANCE_HELP, TASK_HELP, _console, app
 
 
 # ----------------------------------------------------------------------------- embed
@@ -71,12 +71,12 @@ def predict_cmd(
                          default=str))
         _exit_if_files_failed(result.failed)
         return
+    from ..predict import describe_recording
+
     for row in result.recordings.to_dict(orient="records"):
-        _console().print(f"{Path(row['recording']).name}: {row['predicted']}, abnormal in "
-                         f"{100 * row['abnormal_fraction']:.0f} % of {row['segments']} segment(s), "
-                         f"max P(abnormal) {row['max_p_abnormal']:.2f}", highlight=False)
+        _console().print(describe_recording(row, s), highlight=False)
     _console().print(f"classified {s['recordings']} recording(s), {s['segments']} segment(s) with "
-                     f"{len(s['classifier_files'])} classifier file(s); abnormal when {s['abnormal_rule']}")
+                     f"{len(s['classifier_files'])} classifier file(s); {s['decision_rule']}", highlight=False)
     if s["real_time_factor"]:
         _console().print(f"{s['recordings_per_s']:.2f} recordings/s, {s['real_time_factor']:.0f}x real time on {s['device']}")
     _console().print(f"[green]wrote[/] {out / 'segments.csv'}, {out / 'recordings.csv'}, {out / 'summary.json'}")
@@ -131,6 +131,29 @@ def export_cmd(
     written = export_classifier(models, format, out, provenance=provenance)
     _console().print(f"exported {what_is_exported(models)}")
     _console().print(f"[green]wrote[/] {written} and {written}.json")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model: Path = typer.Option(..., "--model", "-m", help="A fine-tuning run folder (its repeats are averaged) or a classifier file (e.g. RUN/best.pt)."),
+    task: str = typer.Option(..., "--task", help=TASK_HELP),
+    data: Path = typer.Option(..., "--data", help=DATA_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for predictions.csv, metrics.json and the evaluation card."),
+    split: str = typer.Option("all", "--split", help="Which segments to score: all (another site's data) | train | val | test (a run's own test split)."),
+    subgroup: list[str] = typer.Option([], "--subgroup", help="A manifest column to report performance by (repeatable; --task csv)."),
+    repeat: Optional[int] = typer.Option(None, "--repeat", help="Use only this repeat of a run folder instead of averaging all."),
+    bootstrap: Optional[int] = typer.Option(None, "--bootstrap", help="Bootstrap resamples over subjects for the CIs (default: the classifier's recipe)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Segments per forward pass."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+) -> None:
+    """Score a trained classifier on labelled data, unchanged: metrics with CIs, calibration, subgroups, a card.
+
+    Example: m2dx evaluate --model runs/lung_ft --task csv --data other_site.csv --out eval_site_b/
+    """
+    from ..evaluate import evaluate_classifier
+
+    evaluate_classifier(model, task=task, data=data, out=out, split=split, subgroups=subgroup, repeat=repeat,
+                        bootstrap=bootstrap, batch_size=batch_size, device=device)
 
 
 # ----------------------------------------------------------------------------- quickstart

@@ -6,6 +6,7 @@ it is kept as published (for comparable scores) and the overlap is reported as a
 
 from __future__ import annotations
 
+import math
 import re
 from typing import NamedTuple
 from pathlib import Path
@@ -196,3 +197,57 @@ def load_icbhi(data: Path | str, *, normal_class: str | None = None, val_fractio
     if normal_class is not None:
         td.normal_class = resolve_normal_class(td.classes, normal_class, "normal", "icbhi")
     return td
+
+
+# ---------------------------------------------------------------------------- what a recording name and the demographic file say
+DEMOGRAPHIC_FILE = "demographic_info.txt"
+DEVICES = {"Meditron": "Meditron", "Litt3200": "Littmann 3200", "LittC2SE": "Littmann Classic II SE",
+           "AKGC417L": "AKG C417L"}
+LOCATIONS = {"Tc": "trachea", "Al": "anterior left", "Ar": "anterior right", "Pl": "posterior left",
+             "Pr": "posterior right", "Ll": "lateral left", "Lr": "lateral right"}
+AGE_BANDS = ((18.0, "<18"), (65.0, "18-64"), (math.inf, "65+"))
+
+
+def recording_fields(name: str) -> dict[str, str] | None:
+    """Patient, chest location and device of an ICBHI recording name (file name or stem); None for other names."""
+    match = _RECORDING_NAME.match(Path(name).stem)
+    if match is None:
+        return None
+    patient, _, location, mode, device = match.groups()
+    return {"patient": patient, "chest_location": LOCATIONS.get(location, location), "mode": mode,
+            "device": DEVICES.get(device, device)}
+
+
+def age_band(age: float | None) -> str | None:
+    """The age band of an age in years (children, adults, 65 and over); None when unknown."""
+    if age is None or not math.isfinite(age):
+        return None
+    return next(band for limit, band in AGE_BANDS if age < limit)
+
+
+def read_demographics(path: Path) -> dict[str, dict[str, float | str | None]]:
+    """`patient age sex adultBMI childWeight childHeight` per line ('NA' = unknown) -> {patient: {age, sex}}."""
+    out: dict[str, dict[str, float | str | None]] = {}
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) < 3:
+            raise DataError(f"{path}: line {number} is {line.strip()!r}, expected 'patient age sex ...'; "
+                            f"restore the official {DEMOGRAPHIC_FILE}")
+        try:
+            age: float | None = float(fields[1])
+        except ValueError:
+            age = None
+        sex = fields[2].upper() if fields[2].upper() in ("F", "M") else None
+        out[fields[0]] = {"age": age, "sex": sex}
+    return out
+
+
+def find_demographics(audio: Path) -> Path | None:
+    """The ICBHI demographic file in the audio's folder or up to two folders above it (the published layout)."""
+    folder = Path(audio).resolve().parent
+    for candidate in (folder, *list(folder.parents)[:2]):
+        if (candidate / DEMOGRAPHIC_FILE).is_file():
+            return candidate / DEMOGRAPHIC_FILE
+    return None

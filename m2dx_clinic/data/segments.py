@@ -186,6 +186,20 @@ def read_manifest(csv_path: str | Path, *, required: Sequence[str] = ("path",)) 
     return Manifest(csv_path, segments, classes, [line_of(r) for r in range(len(paths))], list(table.columns))
 
 
+def read_manifest_column(csv_path: str | Path, column: str) -> dict[int, str | None]:
+    """One extra column of a manifest by CSV line (the line numbers `read_manifest` gives its rows); empty = None.
+
+    A column the CSV lacks is one line naming the columns it has (e.g. `m2dx evaluate --subgroup`).
+    """
+    csv_path = Path(csv_path).expanduser()
+    table = _read_table(csv_path, ("path",))
+    name = column.strip().lower()
+    if name not in table.columns:
+        raise DataError(f"{csv_path}: no column {column!r} (found: {', '.join(table.columns)}); "
+                        "name one of them, or add the column")
+    return {line_of(row): None if _missing(str(v)) else str(v).strip() for row, v in enumerate(table[name])}
+
+
 def write_manifest(segments: Sequence[Segment], classes: Sequence[str], out_csv: str | Path,
                    *, columns: Sequence[str] = MANIFEST_COLUMNS) -> Path:
     """Segments as a manifest CSV (absolute paths) with the given columns, written atomically."""

@@ -1,4 +1,5 @@
-"""Figures of a fine-tuning run: confusion matrix, learning curves, ROC and precision-recall curves.
+"""Figures of a fine-tuning run or an evaluation: confusion matrix, learning curves, ROC and precision-recall
+curves, reliability diagrams.
 
 Pyplot-free matplotlib Figures (no global backend switch, no pyplot state in a training or tuning
 process), written atomically as PNG at a size that reads at 100 % zoom.
@@ -109,3 +110,53 @@ def plot_roc_pr(curves: Sequence[dict[str, Any]], path: Path, *, title: str,
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right" if ax is ax_roc else "lower left")
     atomic_savefig(fig, path, format="png", dpi=110)
+
+
+def plot_reliability(panels: Sequence[dict[str, Any]], path: Path, *, title: str) -> None:
+    """Reliability diagrams: observed frequency against mean predicted probability per bin, one panel each.
+
+    Each panel: {"label", "table" (the bins of `calibration.calibration_report`), "ece", "xlabel"}; bar
+    widths are the bins, the diagonal is perfect calibration, the counts per bin are written on the bars.
+    """
+    from matplotlib.figure import Figure
+
+    columns = min(max(len(panels), 1), 2)
+    rows = (max(len(panels), 1) + columns - 1) // columns
+    fig = Figure(figsize=(6.2 * columns, 4.8 * rows), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax, panel in zip(axes, panels):
+        for row in panel["table"]:
+            if not row["n"]:
+                continue
+            ax.bar(row["lo"], row["observed"], width=row["hi"] - row["lo"], align="edge", alpha=0.6,
+                   edgecolor="black", color="tab:blue")
+            ax.plot([row["confidence"]], [row["observed"]], "k.")
+            ax.text((row["lo"] + row["hi"]) / 2, min(row["observed"] + 0.02, 0.97), str(row["n"]), ha="center",
+                    fontsize=7)
+        ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel(panel.get("xlabel", "mean predicted probability in the bin"))
+        ax.set_ylabel("observed frequency")
+        ax.set_title(f"{panel['label']}: ECE {100 * panel['ece']:.1f} % ({len(panel['table'])} bins); {title}",
+                     fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    atomic_savefig(fig, path, format="png", dpi=110)
+
+
+def plot_calibration(block: dict[str, Any], path: Path, *, title: str) -> None:
+    """reliability.png of one scored split (`calibration.calibration_block`): the most probable class and
+    P(abnormal), before and after temperature scaling when there is a temperature."""
+    panels = []
+    for key, when in (("before_scaling", "before scaling"), ("after_scaling", f"after T = {block.get('temperature', 0):.2f}"),
+                      ("uncalibrated", "")):
+        report = block.get(key)
+        if not report:
+            continue
+        suffix = f" ({when})" if when else ""
+        panels += [{"label": f"most probable class{suffix}", "table": report["reliability"], "ece": report["ece"],
+                    "xlabel": "highest class probability (mean in bin)"},
+                   {"label": f"P(abnormal){suffix}", "table": report["reliability_abnormal"],
+                    "ece": report["ece_abnormal"], "xlabel": "P(abnormal) (mean in bin)"}]
+    plot_reliability(panels, path, title=title)
