@@ -33,11 +33,12 @@ from ._version import __version__
 from .checkpoint.classifier import COMPARISON_FILE
 from .data.tasks import load_task
 from .errors import ConfigError
+from .evaluation.calibration import apply_temperature
 from .evaluation.clinical import clinical_report
 from .fileio import atomic_link_or_copy, atomic_write_csv, atomic_write_json, to_jsonable
 from .finetune import finetune
 from .finetune_outputs import METHOD_WORDS, SELECTED_CLASSIFIER as SELECTED_FILE
-from .model_card import write_comparison_card
+from .model_card import calibration_cells, write_comparison_card
 from .progress import console
 from .recipes import FinetuneRecipe, validate_finetune_recipe
 from .rundir import default_run_dir, hold
@@ -73,18 +74,32 @@ def _candidate(kind: str, folder: Path, seconds: float, recipe: FinetuneRecipe) 
     classes, normal = metrics["classes"], int(metrics["normal_class_index"])
     ensemble = metrics.get("ensemble") or {}
     point = ensemble.get("operating_point")
+    temperature = (ensemble.get("calibration") or {}).get("temperature")
     val = None
     if (frame["split"] == "val").any():
-        probs, labels, groups = _ensemble(frame, "val", classes)
+        probs, labels, groups = _ensemble(frame, "val", classes)  # predictions.csv holds unscaled probabilities
+        probs = apply_temperature(probs, float(temperature)) if temperature else probs  # what the point was chosen on
         val = clinical_report(probs, labels, groups, classes, normal, point["threshold"] if point else None,
                               resamples=recipe.run.bootstrap, seed=recipe.run.seed)
     return {"method": METHOD_WORDS[kind], "folder": folder.name, "classifier": f"{folder.name}/best.pt",
             "val": val, "test": ensemble.get("test"), "operating_point": point,
+            "temperature": temperature, "calibration": _calibration_summary(metrics.get("calibration") or {}),
             # from the prepared segments to the written outputs (the embeddings of linear evaluation included);
             # reading the audio is shared (the first candidate decodes, the others read the cache): wall_seconds
             "seconds": float(metrics.get("seconds", seconds)), "wall_seconds": seconds,
             "repeats": metrics.get("repeats"), "warnings": metrics.get("warnings", []),
             "items": metrics.get("items"), "data_sha256": (metrics.get("data_fingerprint") or {}).get("sha256")}
+
+
+def _calibration_summary(blocks: dict[str, Any]) -> dict[str, Any]:
+    """Per scored split, the ECE and Brier score of the probabilities the candidate ships (after its temperature
+    when it has one), from its own metrics.json (`evaluation.calibration`)."""
+    out = {}
+    for split, block in blocks.items():
+        shipped = block.get("after_scaling") or block.get("uncalibrated") or {}
+        out[split] = {"ece": shipped.get("ece"), "brier": shipped.get("brier"), "bins": shipped.get("bins"),
+                      "scaled": "after_scaling" in block}
+    return out
 
 
 def _score(block: dict[str, Any] | None) -> float:
@@ -189,10 +204,11 @@ def comparison_table(rows: dict[str, dict[str, Any]], chosen: str) -> Any:
         return f"{100 * value:.1f}{interval}"
 
     table = Table(title="candidates on the same items (95 % CIs over subjects); chosen on validation only")
-    for name in ("candidate", "val Score", "val AUROC", "test Score", "test AUROC", "seconds"):
+    for name in ("candidate", "val Score", "val AUROC", "test Score", "test AUROC", "test ECE", "test Brier", "seconds"):
         table.add_column(name, justify="left" if name == "candidate" else "right")
     for kind, row in rows.items():
         table.add_row(f"{kind}{' (recommended)' if kind == chosen else ''}", cell(row["val"], "score"),
                       cell(row["val"], "auroc_abnormal"), cell(row["test"], "score"),
-                      cell(row["test"], "auroc_abnormal"), f"{row['seconds']:.1f}")
+                      cell(row["test"], "auroc_abnormal"), *calibration_cells(row), f"{row['seconds']:.1f}")
     return table
+

@@ -319,6 +319,15 @@ def write_model_card(run_dir: Path, metrics: dict[str, Any], task_data: TaskData
     return (atomic_write_text(run_dir / MODEL_CARD_MD, doc.markdown()),
             atomic_write_text(run_dir / MODEL_CARD_HTML, doc.html()))
 
+def calibration_cells(row: dict[str, Any]) -> tuple[str, str]:
+    """(ECE in percent, Brier score) of a candidate's shipped probabilities on test (validation without a test
+    split), '-' when not scored; the comparison card and its console table."""
+    blocks = row.get("calibration") or {}
+    block = blocks.get("test") or blocks.get("val") or {}
+    ece, brier = block.get("ece"), block.get("brier")
+    good = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
+    return (f"{100 * ece:.1f}" if good(ece) else "-", f"{brier:.3f}" if good(brier) else "-")
+
 
 def write_comparison_card(run_dir: Path, metrics: dict[str, Any]) -> tuple[Path, Path]:
     """The card of `m2dx finetune --mode compare`: which candidate to use and why, in one sentence, then every
@@ -336,12 +345,14 @@ def write_comparison_card(run_dir: Path, metrics: dict[str, Any]) -> tuple[Path,
         rows.append([kind + (" (recommended)" if kind == metrics["recommended"] else ""), row["method"],
                      _with_ci(row.get("val"), "score"), _with_ci(row.get("val"), "auroc_abnormal"),
                      _with_ci(row.get("test"), "score"), _with_ci(row.get("test"), "auroc_abnormal"),
-                     f"{row['seconds']:.0f}", f"{row['folder']}/{MODEL_CARD_MD}"])
+                     *calibration_cells(row), f"{row['seconds']:.0f}", f"{row['folder']}/{MODEL_CARD_MD}"])
     doc.table(Table(["candidate", "what it is", "validation Score (95 % CI)", "validation AUROC",
-                     "test Score (95 % CI)", "test AUROC", "seconds", "its own card"], rows,
+                     "test Score (95 % CI)", "test AUROC", "test ECE (%)", "test Brier", "seconds", "its own card"], rows,
                     row_classes=["rec" if r[0].endswith("(recommended)") else "" for r in rows]))
     doc.paragraph(f"How the choice is made: {metrics['rule']}. Scores are percentages; the ICBHI Score is the mean "
-                  "of sensitivity and specificity.")
+                  "of sensitivity and specificity. ECE (10 equal-width bins) and Brier score are of the probabilities "
+                  "each candidate ships, after its temperature scaling when one was fitted; lower is better calibrated, "
+                  "and calibration does not choose.")
     doc.heading("Glossary")
     doc.definitions(GLOSSARY)
     return (atomic_write_text(run_dir / MODEL_CARD_MD, doc.markdown()),

@@ -213,6 +213,31 @@ def test_the_recommendation_rule(scores, chosen, words):
     assert got == chosen and words in reason and "test recordings were scored once" in reason
 
 
+def test_a_candidates_validation_operating_point_is_read_on_its_scaled_probabilities(tmp_path):
+    """The threshold was chosen after temperature scaling, so the comparison scores validation the same way."""
+    from m2dx_clinic.compare import _candidate
+
+    rng = np.random.default_rng(0)
+    n, threshold, temperature = 60, 0.6, 3.0
+    truth = rng.integers(0, 2, n)
+    p_abn = np.clip(0.5 + (truth - 0.5) * rng.uniform(0.0, 0.9, n) + rng.normal(0, 0.1, n), 0.01, 0.99)
+    folder = tmp_path / "linear"
+    folder.mkdir()
+    pd.DataFrame({"split": "val", "item_id": [f"i{k}" for k in range(n)], "subject": [f"s{k % 12}" for k in range(n)],
+                  "true_index": truth, "prob_N": 1 - p_abn, "prob_A": p_abn}).to_csv(folder / "predictions.csv")
+    (folder / "metrics.json").write_text(json.dumps({
+        "classes": ["N", "A"], "normal_class_index": 0, "seconds": 1.0, "calibration": {},
+        "ensemble": {"operating_point": {"threshold": threshold}, "calibration": {"temperature": temperature}}}))
+    row = _candidate("linear", folder, 1.0, _recipe(tmp_path / "unused"))
+    logits = np.log(np.stack([1 - p_abn, p_abn], axis=1)) / temperature
+    scaled_abn = np.exp(logits[:, 1]) / np.exp(logits).sum(axis=1)
+    flagged = scaled_abn >= threshold
+    assert flagged.sum() != (p_abn >= threshold).sum()  # the data tells scaled from unscaled apart
+    assert row["val"]["values"]["op_sensitivity"] == pytest.approx(flagged[truth == 1].mean())
+    assert row["val"]["values"]["op_specificity"] == pytest.approx(1 - flagged[truth == 0].mean())
+    assert row["temperature"] == temperature
+
+
 def test_compare_recommends_the_baseline_on_a_pure_tone(compared, capsys):
     metrics = json.loads((compared / "metrics.json").read_text())
     assert set(metrics["candidates"]) == {"baseline", "linear", "full"}
@@ -238,6 +263,24 @@ def test_compare_recommends_the_baseline_on_a_pure_tone(compared, capsys):
             assert row[split]["values"]["score"] == pytest.approx(again["score"]), (kind, split)
             assert row[split]["values"]["auroc_abnormal"] == pytest.approx(again["auroc_abnormal"]), (kind, split)
         assert row["seconds"] > 0 and (compared / row["classifier"]).is_file()
+        # calibration of what the candidate ships: top-label ECE (10 equal-width bins) and Brier, recomputed here
+        rows = pred[(pred["candidate"] == kind) & (pred["split"] == "test")]
+        cols = [f"prob_{c}" for c in metrics["classes"]]
+        mean = rows.groupby("item_id")[cols].mean()
+        probs = mean.to_numpy()
+        if row["temperature"]:
+            probs = np.exp(np.log(np.clip(probs, 1e-12, None)) / row["temperature"])
+            probs /= probs.sum(axis=1, keepdims=True)
+        truth = rows.drop_duplicates("item_id").set_index("item_id").loc[mean.index, "true_index"].to_numpy()
+        conf, hit = probs.max(axis=1), (probs.argmax(axis=1) == truth).astype(float)
+        which = np.minimum((conf * 10).astype(int), 9)
+        ece = sum(abs(hit[which == b].mean() - conf[which == b].mean()) * (which == b).mean()
+                  for b in range(10) if (which == b).any())
+        assert row["calibration"]["test"]["ece"] == pytest.approx(ece, abs=1e-6), kind
+        brier = ((probs - np.eye(len(cols))[truth]) ** 2).sum(axis=1).mean()
+        assert row["calibration"]["test"]["brier"] == pytest.approx(brier, abs=1e-6), kind
+        line = next(t for t in card.splitlines() if t.startswith(f"| {kind}"))  # the card's table shows it
+        assert f"| {100 * ece:.1f} | {brier:.3f} |" in line, line
 
 
 @pytest.mark.parametrize("candidate", [None, "baseline", "linear", "full"])
