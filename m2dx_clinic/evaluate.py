@@ -73,11 +73,11 @@ def class_labels(data_classes: Sequence[str], model_classes: Sequence[str], sour
     return [list(model_classes).index(c) for c in data_classes]
 
 
-def original_result(models: ModelSet, model: str | Path) -> dict[str, Any] | None:
+def original_result(models: ModelSet) -> dict[str, Any] | None:
     """The classifier's own test result: a run folder's ensemble (metrics.json) or the file's stored test scores."""
     if Path(models.source).is_dir():  # a run folder, all its repeats: the block its card reports
         try:
-            block = json.loads((Path(model) / "metrics.json").read_text(encoding="utf-8"))["ensemble"]["test"]
+            block = json.loads((Path(models.source) / "metrics.json").read_text(encoding="utf-8"))["ensemble"]["test"]
         except (OSError, ValueError, KeyError, TypeError):
             return None
         return {"source": "the run's test split (its repeats averaged, as here)", "values": block.get("values") or {},
@@ -126,6 +126,7 @@ def evaluate_classifier(
     split: str = "all",
     subgroups: Sequence[str] = (),
     repeat: int | None = None,
+    candidate: str | None = None,
     batch_size: int = 32,
     device: str = "auto",
     bootstrap: int | None = None,
@@ -144,7 +145,7 @@ def evaluate_classifier(
     out_dir = Path(out).expanduser()
     if (out_dir / "metrics.json").exists():
         raise ConfigError(f"{out_dir}: already holds an evaluation; pick another --out")
-    models = load_model_set(model, repeat=repeat)
+    models = load_model_set(model, repeat=repeat, candidate=candidate)
     head = models.first
     meta, classes, normal = head.meta, head.classes, head.normal_index
     seed = int(_recipe_value(meta, "run", "seed", 0))
@@ -202,7 +203,7 @@ def _score(models: ModelSet, model: str | Path, raw: np.ndarray, items: list, in
         would = {**would, "method": would["method"].replace("on validation", "on THIS data"),
                  "use": "NOT FOR USE: chosen on the data it is scored on, so optimistic; shown to see how far the "
                         "classifier's own operating point is from what this data would have chosen"}
-    original = original_result(models, model)
+    original = original_result(models)
     comparison = compare(original, here)
     warnings += [f"{row['metric']}: {100 * row['here']:.1f} % here against {100 * row['original']:.1f} % on the "
                  "classifier's own test split, and the 95 % CIs do not overlap: it does differently on this data"

@@ -283,6 +283,20 @@ def test_compare_recommends_the_baseline_on_a_pure_tone(compared, capsys):
         assert f"| {100 * ece:.1f} | {brier:.3f} |" in line, line
 
 
+@pytest.mark.parametrize("candidate", [None, "linear"])
+def test_evaluate_scores_a_comparison_folder_as_its_candidate(compared, tone_csv, tmp_path, candidate):
+    """m2dx evaluate on a --mode compare folder: the recommended (or named) candidate, its own test result beside."""
+    from m2dx_clinic.evaluate import evaluate_classifier
+
+    result = evaluate_classifier(compared, task="csv", data=tone_csv, out=tmp_path / "ev", split="test",
+                                 candidate=candidate, progress=False)
+    metrics = json.loads((result.out_dir / "metrics.json").read_text())
+    own = json.loads((compared / (candidate or "baseline") / "metrics.json").read_text())["ensemble"]["test"]
+    assert metrics["original"]["values"] == own["values"]  # its own test result, found in the candidate's folder
+    for key in ("score", "sp", "se", "auroc_abnormal"):
+        assert metrics["result"]["values"][key] == pytest.approx(own["values"][key]), key
+
+
 @pytest.mark.parametrize("candidate", [None, "baseline", "linear", "full"])
 def test_predict_reproduces_each_candidate(compared, tone_csv, tmp_path, candidate):
     run = compared / (candidate or "baseline")

@@ -142,6 +142,7 @@ def evaluate_cmd(
     split: str = typer.Option("all", "--split", help="Which segments to score: all (another site's data) | train | val | test (a run's own test split)."),
     subgroup: list[str] = typer.Option([], "--subgroup", help="A manifest column to report performance by (repeatable; --task csv)."),
     repeat: Optional[int] = typer.Option(None, "--repeat", help="Use only this repeat of a run folder instead of averaging all."),
+    candidate: Optional[str] = typer.Option(None, "--candidate", help="A --mode compare run folder: full | linear | baseline instead of the recommended one."),
     bootstrap: Optional[int] = typer.Option(None, "--bootstrap", help="Bootstrap resamples over subjects for the CIs (default: the classifier's recipe)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Segments per forward pass."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
@@ -153,7 +154,7 @@ def evaluate_cmd(
     from ..evaluate import evaluate_classifier
 
     evaluate_classifier(model, task=task, data=data, out=out, split=split, subgroups=subgroup, repeat=repeat,
-                        bootstrap=bootstrap, batch_size=batch_size, device=device)
+                        candidate=candidate, bootstrap=bootstrap, batch_size=batch_size, device=device)
 
 
 # ----------------------------------------------------------------------------- quickstart
