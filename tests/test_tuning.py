@@ -329,6 +329,14 @@ def test_test_best_selection_is_refused_everywhere(tmp_path, fake):
     assert f.calls == [] and not (tmp_path / "out" / "optuna.db").exists()  # refused before the study
 
 
+@pytest.mark.parametrize("mode", ["linear", "baseline", "compare"])
+def test_tuning_a_mode_without_settings_to_search_is_refused_before_the_study(tmp_path, fake, mode):
+    f = fake["install"]()
+    with pytest.raises(ConfigError, match=f"run.mode={mode} has none to search"):
+        run_tune(tmp_path, "tiny_tune", trials=1, overrides=[f"run.mode={mode}"])
+    assert f.calls == [] and not (tmp_path / "out" / "optuna.db").exists()
+
+
 def test_trial_that_returns_test_metrics_fails(tmp_path, monkeypatch, fake):
     fake["install"]()
 

@@ -358,6 +358,10 @@ def plan_search(*, task: str, data: Path | str, checkpoint: str | Path, tune_rec
     # The recipe every trial starts from: must be valid and select on validation BEFORE any compute.
     base = load_recipe(FinetuneRecipe, settings.finetune_recipe, overrides)
     assert_validation_only(base, str(settings.finetune_recipe))
+    if base.run.mode != "full":  # linear / baseline choose their one parameter (C) on validation already
+        raise ConfigError(f"m2dx tune searches the settings of a full fine-tune; run.mode={base.run.mode} has none to "
+                          "search (C is chosen on validation in every run); use m2dx finetune --mode "
+                          f"{base.run.mode} directly")
     out_dir = (Path(out) if out is not None else Path("runs") / f"tune-{task}-{recipe_stem}").expanduser()
     pruner_obj = make_pruner(pruner_name, settings, repeats)  # validates the pruner/repeats pair early
     # Load the task once: every trial shares the same items and the same validation split.
