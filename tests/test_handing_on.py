@@ -87,6 +87,22 @@ def test_nothing_shipped_names_the_patient_the_machine_or_its_paths(planted):
     assert card.startswith(f"# Model card: csv-{fp[:8]} (normal, tone)")
 
 
+def test_the_evaluation_card_names_no_patient_machine_or_path(planted):
+    """m2dx evaluate's shipped outputs (card, plots) are as clean as the run's; its records stay internal."""
+    out = planted["root"] / "evaluation"
+    proc = subprocess.run([*CLI, "evaluate", "--model", str(planted["run"]), "--task", "csv", "--data",
+                           str(planted["csv"]), "--out", str(out), "--bootstrap", "20"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    shipped = _shipped(out)
+    assert {"EVALUATION_CARD.md", "evaluation_card.html"} <= {p.name for p in shipped}
+    needles = {PLANTED, str(Path.home()), str(planted["root"]), sys.prefix}
+    needles |= {n for n in (socket.gethostname(), getpass.getuser()) if len(n) >= 5}
+    for path in shipped:
+        for needle in needles:
+            assert needle.encode() not in path.read_bytes(), f"{path.name} contains {needle!r}"
+    assert PLANTED in (out / "predictions.csv").read_text()  # the internal record keeps what recomputing needs
+
+
 def test_full_provenance_opts_back_in(planted, tmp_path):
     recipe = load_recipe(FinetuneRecipe, "tiny_finetune", [
         f"run.out='{tmp_path / 'run'}'", f"data.cache_dir='{planted['root'] / 'cache'}'", *OVERRIDES,
