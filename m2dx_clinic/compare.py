@@ -186,6 +186,8 @@ def compare_candidates(recipe: FinetuneRecipe, *, task: str, data: Path, checkpo
     if progress:
         console.print(comparison_table(rows, chosen))
         console.print(f"[bold]{reason}[/]")
+        for warning in rows[chosen]["warnings"]:
+            console.print(f"[yellow]warning ({chosen}):[/] {warning}")
         console.print(f"{run_dir / SELECTED_FILE} is the {chosen} candidate; m2dx predict --model {run_dir} applies it "
                       f"(--candidate {'|'.join(rows)} picks another)")
     return CompareResult(run_dir, chosen, reason, rows)

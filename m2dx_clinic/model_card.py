@@ -348,11 +348,19 @@ def write_comparison_card(run_dir: Path, metrics: dict[str, Any]) -> tuple[Path,
                      *calibration_cells(row), f"{row['seconds']:.0f}", f"{row['folder']}/{MODEL_CARD_MD}"])
     doc.table(Table(["candidate", "what it is", "validation Score (95 % CI)", "validation AUROC",
                      "test Score (95 % CI)", "test AUROC", "test ECE (%)", "test Brier", "seconds", "its own card"], rows,
-                    row_classes=["rec" if r[0].endswith("(recommended)") else "" for r in rows]))
+                    row_classes=["rec" if r[0].endswith("(recommended)") else "" for r in rows], text_columns=(0, 1)))
     doc.paragraph(f"How the choice is made: {metrics['rule']}. Scores are percentages; the ICBHI Score is the mean "
                   "of sensitivity and specificity. ECE (10 equal-width bins) and Brier score are of the probabilities "
                   "each candidate ships, after its temperature scaling when one was fitted; lower is better calibrated, "
                   "and calibration does not choose.")
+    chosen = metrics["recommended"]
+    doc.heading(f"Warnings about the recommended classifier ({chosen})")
+    warnings = [scrub(w) for w in metrics["candidates"][chosen].get("warnings") or []]
+    doc.warnings(warnings) if warnings else doc.paragraph("None.")
+    others = [kind for kind, row in metrics["candidates"].items() if kind != chosen and row.get("warnings")]
+    if others:
+        doc.paragraph("The other candidates' warnings are in their own cards: "
+                      + ", ".join(f"{kind}/{MODEL_CARD_MD}" for kind in others) + ".")
     doc.heading("Glossary")
     doc.definitions(GLOSSARY)
     return (atomic_write_text(run_dir / MODEL_CARD_MD, doc.markdown()),

@@ -254,6 +254,8 @@ def test_compare_recommends_the_baseline_on_a_pure_tone(compared, capsys):
     assert metrics["reason"] in card and all(k in card for k in ("baseline (recommended)", "linear", "full"))
     assert card.splitlines()[0].startswith(f"# Model card: which classifier to use for {metrics['name']} (")
     assert metrics["name"].startswith("csv-") and str(compared) not in card  # named by fingerprint, no paths
+    after = card.split("## Warnings about the recommended classifier (baseline)", 1)[1].split("## Glossary")[0]
+    assert all(w in after for w in base["warnings"]) and (base["warnings"] or "None." in after)
     # every candidate's numbers recompute from the comparison's predictions.csv
     pred = pd.read_csv(compared / "predictions.csv")
     for kind, row in metrics["candidates"].items():
