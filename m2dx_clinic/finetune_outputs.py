@@ -427,7 +427,10 @@ def write_outputs(run: FinetuneRun, outcomes: Sequence[RepeatOutcome], *, progre
         "provenance": run.provenance.as_dict(),
         "environment": environment_facts(),
         "metrics_note": "fractions in [0, 1]; recompute from predictions.csv (pred_index vs true_index per repeat and "
-                        "split; the ensemble is the mean of the repeats' probabilities)",
+                        "split; the ensemble is the mean of the repeats' probabilities). prob_* are each repeat's own "
+                        "probabilities BEFORE temperature scaling; the ensemble's scores, operating point and what "
+                        "predict / evaluate / export ship are after ensemble.calibration.temperature when one was "
+                        "fitted: softmax(log p / T) of the mean)",
     }
     if td.accounting is not None:
         metrics["data_accounting"] = td.accounting
