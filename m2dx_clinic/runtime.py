@@ -17,8 +17,10 @@ import functools
 import os
 import random
 import sys
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +35,8 @@ STREAM_OFFSETS = {
     "noise": 17,  # background-noise cycle and crops
     "noise_stats": 17,  # the sample that gives the noise set's mean (identical on every rank)
 }
+T = TypeVar("T")
+R = TypeVar("R")
 SUBSET_SEED = 12345  # fixed subset of a split for smoke runs (data.max_items_per_split): same for every seed
 
 
@@ -255,3 +259,57 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_ahead(work: Callable[[T], R], items: Iterable[T], *, workers: int,
+               ahead: int | None = None) -> Iterator[tuple[T, Future]]:
+    """(item, future of `work(item)`) in the items' order, with up to `ahead` items (default 2 x workers) being
+    worked on by `workers` threads while the caller uses the earlier ones.
+
+    Why: `m2dx predict` spends most of its time decoding and computing log-mels on the host, which release
+    the GIL (soundfile, torch ops), while the model waits; reading the next recordings during the current
+    one's forward pass keeps the device fed. The caller calls `future.result()` inside its own error
+    handling, so a failing item is reported where it would have been without read-ahead. `workers` <= 1:
+    each item is worked on when its result is asked for, in the caller's thread (no thread at all).
+    Memory is bounded: at most `ahead` results wait in memory."""
+    if workers <= 1:
+        for item in items:
+            yield item, _Deferred(work, item)
+        return
+    depth = max(1, ahead if ahead is not None else 2 * workers)
+    pending: deque[tuple[T, Future]] = deque()
+    source = iter(items)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="m2dx-read") as pool:
+        try:
+            for item in source:
+                pending.append((item, pool.submit(work, item)))
+                if len(pending) >= depth:
+                    yield pending.popleft()
+            while pending:
+                yield pending.popleft()
+        finally:  # the caller stopped early (an error, Ctrl-C): nothing more starts, running work finishes
+            for _, future in pending:
+                future.cancel()
+
+
+class _Deferred(Future):
+    """A future whose work runs in the caller's thread when `result()` is first asked for."""
+
+    def __init__(self, work: Callable[[Any], Any], item: Any):
+        super().__init__()
+        self._work, self._item = work, item
+
+    def _run(self) -> None:
+        if not self.done():
+            try:
+                self.set_result(self._work(self._item))
+            except BaseException as exc:  # kept, then raised like a thread's future raises it
+                self.set_exception(exc)
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._run()
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._run()
+        return super().exception(timeout)
