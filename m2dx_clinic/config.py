@@ -4,6 +4,10 @@ Each training entry point declares its recipe as a tree of dataclasses (defaults
 `load_recipe` reads a TOML file over those defaults, applies command-line overrides, type-checks
 every value against the declared field type and rejects unknown keys, so a typo fails at once
 instead of silently training with a default. `dump_toml` writes the resolved copy into the run.
+
+The model geometry (`ViTConfig`, `PredictorConfig`) lives here too: it is plain data that a recipe's
+`[model]` table sets, a checkpoint's metadata records and `models/` builds from, so the recipe layer
+declares it once without importing the networks (`models.vit` / `models.m2d` re-export it).
 """
 
 from __future__ import annotations
@@ -23,6 +27,45 @@ from .fileio import atomic_write_text as atomic_write_text  # save_resolved; re-
 T = TypeVar("T")
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+# ---------------------------------------------------------------------------- model geometry
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """Encoder geometry and size. Defaults = ViT-Base on 80x200 log-mel with 16x4 patches (ICBHI base).
+
+    The field names are the keys of the `vit_config` dict every checkpoint and classifier file stores:
+    published-checkpoint compatibility depends on them, so they never change.
+    """
+
+    input_size: tuple[int, int] = (80, 200)  # (mel bins, frames) the model is trained on
+    patch_size: tuple[int, int] = (16, 4)  # (freq, time)
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    sample_rate: int = 16000
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(F, T') patches along frequency and time."""
+        return self.input_size[0] // self.patch_size[0], self.input_size[1] // self.patch_size[1]
+
+    @property
+    def num_patches(self) -> int:
+        f, t = self.grid_size
+        return f * t
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictorConfig:
+    """The M2D predictor ("decoder"): 512-d, 8 blocks, 16 heads in every published model (`predictor_config`
+    in a training checkpoint's metadata)."""
+
+    dim: int = 512
+    depth: int = 8
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
 
 
 def list_recipes() -> list[dict[str, str]]:

@@ -40,9 +40,8 @@ from .evaluation.plots import plot_calibration, plot_confusion, plot_roc_pr
 from .evaluation.subgroups import subgroup_report
 from .evaluation_card import write_evaluation_card
 from .fileio import atomic_write_csv, atomic_write_json, to_jsonable
-from .inference import mean_probabilities
+from .inference import ModelSet, load_model_set, mean_probabilities
 from .models.cpu_kernels import use_fast_cpu_kernels
-from .predict import ModelSet, load_model_set
 from .progress import console
 from .rundir import hold
 from .runtime import pick_device
@@ -215,17 +214,7 @@ def _score(models: ModelSet, model: str | Path, raw: np.ndarray, items: list, in
     calibration = calibration_block(raw, labels, normal, temperature)
     decision = (f"P(abnormal) >= {threshold:.6g} (the classifier's operating point)" if threshold is not None
                 else "the most probable class is not the normal class")
-    pred = probs.argmax(axis=1)
-    frame = pd.DataFrame({
-        "item_id": [it.item_id for it in items], "recording": [it.recording for it in items], "subject": subjects,
-        "split": [it.split for it in items], "true_index": labels, "true_label": [classes[k] for k in labels],
-        "pred_index": pred, "pred_label": [classes[k] for k in pred]})
-    for k, name in enumerate(classes):
-        frame[f"prob_{name}"] = probs[:, k]
-    frame["p_abnormal"] = p_abnormal(probs, normal)
-    frame["abnormal"] = frame["p_abnormal"] >= threshold if threshold is not None else pred != normal
-    for name, values in groupings.items():
-        frame[f"group_{name}"] = values
+    frame = _predictions(items, labels, probs, classes, normal, threshold, groupings)
     counts = {name: int(labels.count(k)) for k, name in enumerate(classes)}
     metrics = {
         "kind": "evaluation", "model": str(model), "classifier_files": [str(m.path) for m in models.members],
@@ -245,6 +234,24 @@ def _score(models: ModelSet, model: str | Path, raw: np.ndarray, items: list, in
                         "after the classifier's temperature when it has one)",
     }
     return {"metrics": metrics, "predictions": frame, "probs": probs, "labels": labels}
+
+
+def _predictions(items: list, labels: list[int], probs: np.ndarray, classes: list[str], normal: int,
+                 threshold: float | None, groupings: dict[str, list[Any]]) -> pd.DataFrame:
+    """predictions.csv: one row per segment scored, with the probabilities, the decision and the subgroups."""
+    pred = probs.argmax(axis=1)
+    frame = pd.DataFrame({
+        "item_id": [it.item_id for it in items], "recording": [it.recording for it in items],
+        "subject": [str(it.subject) for it in items],
+        "split": [it.split for it in items], "true_index": labels, "true_label": [classes[k] for k in labels],
+        "pred_index": pred, "pred_label": [classes[k] for k in pred]})
+    for k, name in enumerate(classes):
+        frame[f"prob_{name}"] = probs[:, k]
+    frame["p_abnormal"] = p_abnormal(probs, normal)
+    frame["abnormal"] = frame["p_abnormal"] >= threshold if threshold is not None else pred != normal
+    for name, values in groupings.items():
+        frame[f"group_{name}"] = values
+    return frame
 
 
 def _write(out_dir: Path, result: dict[str, Any], classes: list[str], normal: int, progress: bool) -> None:

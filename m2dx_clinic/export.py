@@ -28,7 +28,7 @@ import torch
 from .checkpoint.classifier import LoadedClassifier, classifier_from_weights, classifier_weights
 from .errors import ConfigError
 from .fileio import atomic_write_bytes, atomic_write_json, to_jsonable
-from .predict import ModelSet
+from .inference import ModelSet
 from .provenance import ProvenanceMode, scrub
 
 ExportFormat = Literal["onnx", "safetensors"]

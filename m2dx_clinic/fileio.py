@@ -14,6 +14,7 @@ that re-export these helpers (`config`) stay quick to import for the command lin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -145,6 +146,13 @@ def file_identity(path: str | Path) -> FileIdentity | None:
     except OSError:
         return None
     return FileIdentity(str(resolved), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def content_sha256(identity: FileIdentity) -> str:
+    """`sha256_file` of the file `identity` names, read once per (path, size, mtime): tuning trials and
+    repeats fingerprint one base checkpoint of hundreds of MB many times."""
+    return sha256_file(identity.path)
 
 
 def to_jsonable(value: Any, *, nonfinite: Literal["null", "text"] = "null") -> Any:

@@ -18,7 +18,6 @@ writes (metrics, predictions, plots, classifier files) is `finetune_outputs`' jo
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
 from pathlib import Path
@@ -37,7 +36,6 @@ from .data.segments import Segment
 from .data.tasks import load_task
 from .data.task_data import TaskData, resolve_normal_class
 from .errors import ConfigError, DataError
-from .fileio import file_identity
 from .inference import class_probabilities
 from .linear_eval import baseline_repeat, empty_model, linear_repeat, split_embeddings
 from .finetune_run import FinetuneRun, Prepared, RepeatOutcome
@@ -64,7 +62,7 @@ from .runtime import (
     seed_everything,
     use_deterministic_kernels,
 )
-from .weights import load_encoder
+from .weights import load_base
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
 """Called after every epoch with (epoch, validation metrics); may raise (e.g. optuna.TrialPruned) to stop."""
@@ -400,7 +398,7 @@ def prepare_run(
             td.normal_class = resolve_normal_class(td.classes, normal_class, td.classes[td.normal_class], task)
     splits = select_splits(td, recipe, score_test=score_test)
     notes = validate_splits(td, splits, recipe, score_test=score_test, has_callback=has_callback, source=source)
-    encoder = load_encoder(checkpoint)
+    encoder, base = load_base(checkpoint)  # resolved once: the run's records name this file
     device = pick_device(recipe.run.device)
     amp_dtype = pick_amp(recipe.run.amp, device)
     use_deterministic_kernels(recipe.run.deterministic)
@@ -409,7 +407,7 @@ def prepare_run(
     frontend = FrontEndConfig.for_sample_rate(encoder.config.sample_rate)
 
     data_sha256 = td.fingerprint(splits)["sha256"]
-    inputs = finetune_inputs(recipe, data_sha256, checkpoint)
+    inputs = finetune_inputs(recipe, data_sha256, base.key)
     run_dir = Path(recipe.run.out) if recipe.run.out else default_run_dir(recipe.name)
     lock = hold(run_dir, "m2dx finetune")  # one writer per run folder; released by finetune()
     try:
@@ -438,7 +436,8 @@ def prepare_run(
     lms = {k: on_device_if_small(v, device) for k, v in lms.items()}
     labels = {split: [it.label for it in items] for split, items in splits.items()}
     provenance = run_provenance(recipe.run.provenance, task=task, data=data, data_sha256=data_sha256,
-                                checkpoint=checkpoint, run_dir=run_dir, name=recipe.run.model_name,
+                                checkpoint=base.path, published=base.published, run_dir=run_dir,
+                                name=recipe.run.model_name,
                                 normal_class=normal_class)
     save_resolved(shippable_recipe(recipe, provenance), run_dir / "recipe.toml",
                   header=f"resolved recipe of classifier {provenance.name}\nreproduce: {provenance.command}")
@@ -446,19 +445,17 @@ def prepare_run(
         for note in [*td.warnings, *notes]:
             console.print(f"[yellow]{note}[/]")
     prepared = Prepared(recipe, encoder.to(device), list(td.classes), td.normal_class, lms, labels, device, amp_dtype)
-    return FinetuneRun(prepared, td, splits, run_dir, notes, task, Path(data), checkpoint, score_test, lock, inputs,
+    return FinetuneRun(prepared, td, splits, run_dir, notes, task, Path(data), base, score_test, lock, inputs,
                        provenance)
 
 
-def finetune_inputs(recipe: FinetuneRecipe, data_sha256: str, checkpoint: str | Path) -> dict[str, str]:
-    """What a fine-tune was made from: the data items, the checkpoint file, the recipe (not its output folder)."""
-    ident = file_identity(Path(str(checkpoint)))
-    # a published name is its own identity
-    ckpt: object = dataclasses.asdict(ident) if ident else str(checkpoint)
+def finetune_inputs(recipe: FinetuneRecipe, data_sha256: str, checkpoint_key: object) -> dict[str, str]:
+    """What a fine-tune was made from: the data items, the base checkpoint (`weights.checkpoint_key`: its
+    published name or the identity of its file), the recipe (not its output folder)."""
     values = to_dict(recipe)
     values["run"] = {k: v for k, v in values["run"].items() if k not in ("out", "device", "num_workers")}
     values["data"] = {k: v for k, v in values["data"].items() if k != "cache_dir"}  # where, not what
-    return fingerprint(data=data_sha256, checkpoint=ckpt, recipe=values)
+    return fingerprint(data=data_sha256, checkpoint=checkpoint_key, recipe=values)
 
 
 def finetune(

@@ -233,7 +233,7 @@ def finished_repeats(run_dir: Path) -> dict[int, dict[str, Any]]:
 def resume_command(run: FinetuneRun) -> str:
     """The command that continues an interrupted run (for the user's console, so with its real paths)."""
     return shlex.join(["m2dx", "finetune", "--resume", str(run.run_dir), "--task", run.task, "--data", str(run.data),
-                       "--checkpoint", str(run.checkpoint)])
+                       "--checkpoint", run.checkpoint.given])
 
 
 def outcome_fields(record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -395,12 +395,10 @@ def write_outputs(run: FinetuneRun, outcomes: Sequence[RepeatOutcome], *, progre
     atomic_write_csv(run_dir / "predictions.csv", predictions_frame(outcomes, run.splits, classes, recipe.run.selection))
     evaluation = evaluate_run(run, outcomes) if run.score_test else None
     warnings = [*td.warnings, *(evaluation["warnings"] if evaluation else [])]
-    checkpoint_path = Path(str(run.checkpoint)).expanduser()
     metrics = {
         "task": td.name,
         "data": str(run.data),
-        "checkpoint": str(run.checkpoint),
-        "checkpoint_resolved": str(checkpoint_path.resolve()) if checkpoint_path.exists() else None,
+        **run.checkpoint.record(),  # checkpoint (as given), checkpoint_resolved (the file), checkpoint_published
         "selection": label,
         "selection_mode": recipe.run.selection,
         "mode": recipe.run.mode,

@@ -20,6 +20,7 @@ from .models.vit import AudioViT
 from .provenance import Provenance
 from .recipes import FinetuneRecipe
 from .rundir import RunLock
+from .weights import ResolvedCheckpoint
 
 
 @dataclass
@@ -66,7 +67,7 @@ class FinetuneRun:
     notes: list[str]
     task: str
     data: Path
-    checkpoint: str | Path
+    checkpoint: ResolvedCheckpoint  # the base checkpoint, resolved and loaded once (`weights.load_base`)
     score_test: bool
     lock: RunLock
     inputs: dict[str, str]  # fingerprint of what the run is made from (the report reuses a run only on a match)
@@ -80,4 +81,4 @@ class FinetuneRun:
 
     @property
     def command(self) -> str:
-        return f"m2dx finetune --task {self.task} --data {self.data} --checkpoint {self.checkpoint}"
+        return f"m2dx finetune --task {self.task} --data {self.data} --checkpoint {self.checkpoint.given}"

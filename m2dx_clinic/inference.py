@@ -5,24 +5,29 @@ so a segment is planned, fitted, normalised and batched the same way wherever a 
 - inputs -> audio files (`audio_files`, `collect_inputs`); a folder without audio is a failure;
 - recordings -> segments (`plan_segments`: annotations found by the task registry, CSV ranges, or
   windows), refused when shorter than the front-end accepts (`too_short`);
-- raw log-mel batches -> probabilities or embeddings, per-sample normalised, under one autocast rule.
+- raw log-mel batches -> probabilities or embeddings, per-sample normalised, under one autocast rule;
+- the classifier(s) a user names -> a `ModelSet` (one file, or a run's repeats averaged, with the
+  operating point and temperature they were chosen with), applied by `model_set_probabilities`.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .audio import NO_AUDIO_FILES, FrontEndConfig, list_audio_files
+from .checkpoint.classifier import LoadedClassifier, candidate_folder, classifier_files, find_classifier, load_classifier
 from .data.segment_cache import SegmentArrays
 from .data.segments import read_manifest
 from .data.tasks import find_annotations
-from .errors import AudioError, DataError
+from .errors import AudioError, CheckpointError, DataError
+from .evaluation.calibration import apply_temperature
 from .models.classifier import Classifier
 from .models.vit import AudioViT
 from .runtime import autocast, pick_device
@@ -179,3 +184,59 @@ def clip_embeddings(encoder: AudioViT, lms: np.ndarray | torch.Tensor, *, norm_s
             features = encoder.encode_lms(x, adjust_pos=adjust_pos)  # [B, T', F*D]
         out.append(features.mean(dim=1).float().cpu().numpy())
     return np.concatenate(out, axis=0) if out else np.zeros((0, encoder.frame_feature_dim), dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------- the classifier(s) a user names
+@dataclass
+class ModelSet:
+    """The classifier(s) to apply: one file, or every repeat of a run (averaged), with one operating point."""
+
+    members: list[LoadedClassifier]
+    operating_point: dict[str, Any] | None
+    source: str
+    temperature: float | None = None  # temperature scaling fitted on validation (`evaluation.calibration`); None: none
+
+    @property
+    def first(self) -> LoadedClassifier:
+        return self.members[0]
+
+
+def load_model_set(model: str | Path, *, repeat: int | None = None, candidate: str | None = None) -> ModelSet:
+    """`model` is a classifier file or a fine-tuning run folder (all repeats averaged, or `repeat` K); a
+    comparison folder (`--mode compare`) stands for its recommended candidate's run folder, or `candidate`'s."""
+    path = candidate_folder(model, candidate)
+    if path.is_file() or repeat is not None:
+        member = load_classifier(find_classifier(path, repeat))
+        return ModelSet([member], member.operating_point, str(member.path), stored_temperature(member.meta))
+    find_classifier(path)  # a folder that is not a fine-tuning run: one clear line
+    members = [load_classifier(f) for f in classifier_files(path)]
+    for other in members[1:]:
+        if (other.classes, other.frontend, other.segment_seconds, other.pad) != \
+                (members[0].classes, members[0].frontend, members[0].segment_seconds, members[0].pad):
+            raise CheckpointError(f"{other.path}: another class list, front-end or segment rule than "
+                                  f"{members[0].path}; a run's repeats must agree (pass one with --repeat)")
+    point, temperature = members[0].operating_point, stored_temperature(members[0].meta)
+    if len(members) > 1:  # the ensemble's own point and temperature, fitted on its averaged validation probabilities
+        try:
+            ensemble = json.loads((path / "metrics.json").read_text(encoding="utf-8"))["ensemble"]
+            point = ensemble["operating_point"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{path}: metrics.json is missing or damaged, so the ensemble's operating point "
+                                  "is unknown; pass one repeat with --repeat") from None
+        temperature = stored_temperature(ensemble)
+    return ModelSet(members, point, str(path), temperature)
+
+
+def stored_temperature(block: dict[str, Any]) -> float | None:
+    """The temperature a classifier file's metadata or a run's ensemble block carries (None: not fitted)."""
+    value = (block.get("calibration") or {}).get("temperature") if isinstance(block, dict) else None
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def model_set_probabilities(models: ModelSet, lms: torch.Tensor, *, device: torch.device, batch_size: int,
+                            amp_dtype: torch.dtype | None = None) -> np.ndarray:
+    """Mean class probabilities [N, K] of the model set on raw log-mel [N, n_mels, frames] (per-sample normalised),
+    after the set's temperature when it has one (what its operating point was chosen on)."""
+    probs = mean_probabilities([m.model for m in models.members], lms, device=device, batch_size=batch_size,
+                               amp_dtype=amp_dtype)
+    return apply_temperature(probs, models.temperature) if models.temperature else probs

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from .data.corpora import cache_root
 from .evaluation.baseline import fit_baseline
 from .evaluation.linear import LinearFit, fit_linear
-from .fileio import atomic_save_npy, file_identity, json_sha256
+from .fileio import atomic_save_npy, json_sha256
 from .finetune_outputs import METHOD_WORDS
 from .finetune_run import FinetuneRun, Prepared, RepeatOutcome
 from .inference import class_probabilities, clip_embeddings
@@ -47,10 +46,9 @@ BASELINE_KIND = "baseline"
 def _embedding_key(run: FinetuneRun, split: str) -> str:
     """The cache key of one split's embeddings: checkpoint file, items, segment rule, positions, normalisation."""
     prep = run.prepared
-    ident = file_identity(Path(str(run.checkpoint)))
     recipe = prep.recipe
     return json_sha256({
-        "checkpoint": [ident.path, ident.size, ident.mtime_ns] if ident else str(run.checkpoint),
+        "checkpoint": run.checkpoint.key,
         "items": run.task_data.fingerprint({split: run.splits[split]})["sha256"],
         "segment": [recipe.data.cycle_seconds, recipe.data.pad, recipe.model.adjust_pos],
         "precision": "fp32", "norm_stats": prep.encoder.norm_stats.tolist(),

@@ -79,8 +79,6 @@ from .pretrain_setup import (
     load_teacher,
     prepare_data,
     record_geometry,
-    scratch_predictor_config,
-    scratch_vit_config,
 )
 from .weights import open_checkpoint
 
@@ -101,7 +99,7 @@ class Pretrainer:
         resume = ckpt_io.LoadedCheckpoint(resume_from) if resume_from else None
         base = open_checkpoint(recipe.base) if (recipe.base and resume is None) else None
         meta = resume.meta if resume else {}
-        vit = (resume or base).vit_config if (resume or base) else scratch_vit_config(recipe.model)
+        vit = (resume or base).vit_config if (resume or base) else recipe.model.vit_config()
         self.frontend = FrontEndConfig.for_sample_rate(vit.sample_rate)
         self.crop_frames = vit.input_size[1]
         stats = tuple(meta["norm_stats"]) if "norm_stats" in meta else None
@@ -120,7 +118,7 @@ class Pretrainer:
         if source is not None:
             self.model, self.notes = ckpt_io.build_m2d_from(source, offline_dim)
         else:
-            self.model = M2D(vit, scratch_predictor_config(recipe.model), offline_dim=offline_dim)
+            self.model = M2D(vit, recipe.model.predictor_config(), offline_dim=offline_dim)
             self.notes = ["trained from scratch (no base checkpoint)"]
         self.model.norm_stats.copy_(torch.tensor([self.data.mean, self.data.std]))
         self.notes += record_geometry(recipe.model, self.model)  # recipe.toml states what is trained, not what was asked

@@ -19,8 +19,8 @@ from .data.crops import CropDataset, ItemKey, KeyedSampler, NoiseCropDataset, co
 from .data.logmel_cache import LogMelCache
 from .data.segments import list_segments, read_manifest
 from .errors import ConfigError
-from .models.m2d import M2D, PredictorConfig
-from .models.vit import AudioViT, ViTConfig
+from .models.m2d import M2D
+from .models.vit import AudioViT
 from .objectives import LabelsTask, OfflineTask, TeacherTask
 from .progress import console
 from .recipes import ModelSection, PretrainRecipe
@@ -89,23 +89,12 @@ def record_geometry(m: ModelSection, model: M2D) -> list[str]:
     c, pc = model.config, model.predictor_config
     asked = (tuple(m.input_size), tuple(m.patch_size), m.embed_dim, m.depth, m.num_heads)
     got = (tuple(c.input_size), tuple(c.patch_size), c.embed_dim, c.depth, c.num_heads)
-    m.input_size, m.patch_size = tuple(c.input_size), tuple(c.patch_size)
-    m.embed_dim, m.depth, m.num_heads, m.mlp_ratio, m.sample_rate = c.embed_dim, c.depth, c.num_heads, c.mlp_ratio, c.sample_rate
-    m.predictor_dim, m.predictor_depth, m.predictor_heads = pc.dim, pc.depth, pc.num_heads
+    m.adopt(c, pc)
     if asked == got:
         return []
     describe = lambda g: f"{g[2]}-d x {g[3]} blocks, {g[4]} heads, input {g[0][0]}x{g[0][1]}, patch {g[1][0]}x{g[1][1]}"  # noqa: E731
     return [f"the base checkpoint is a {describe(got)} model but the recipe asked for {describe(asked)}: training the "
             "checkpoint's geometry (recipe.toml records it; pick a recipe of the checkpoint's size to silence this)"]
-
-
-def scratch_vit_config(m: ModelSection) -> ViTConfig:
-    return ViTConfig(tuple(m.input_size), tuple(m.patch_size), m.embed_dim, m.depth, m.num_heads, m.mlp_ratio,
-                     m.sample_rate)
-
-
-def scratch_predictor_config(m: ModelSection) -> PredictorConfig:
-    return PredictorConfig(m.predictor_dim, m.predictor_depth, m.predictor_heads)
 
 
 def load_teacher(recipe: PretrainRecipe) -> AudioViT | None:

@@ -15,14 +15,13 @@ metadata), so the rule lives here and nowhere else.
 
 from __future__ import annotations
 
-import functools
 import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .fileio import FileIdentity, file_identity, sha256_file
+from .fileio import content_sha256, file_identity
 
 ProvenanceMode = Literal["clean", "full"]
 PROVENANCE_MODES = ("clean", "full")
@@ -57,45 +56,17 @@ def short_sha(sha256: str) -> str:
     return f"sha256:{sha256[:12]}"
 
 
-@functools.lru_cache(maxsize=32)
-def _content_sha256(identity: FileIdentity | None) -> str:
-    """sha256 of a file, once per (file, size, modification time): tuning trials share one base checkpoint."""
-    if identity is None:
-        raise FileNotFoundError("checkpoint vanished while being fingerprinted")
-    return sha256_file(Path(identity.path))
-
-
-def checkpoint_fingerprint(checkpoint: str | Path) -> str | None:
-    """sha256 of a checkpoint file's content (a folder: of its `.pth` files in name order); None for a name."""
-    import hashlib
-
-    path = Path(str(checkpoint)).expanduser()
-    if path.is_file():
-        return _content_sha256(file_identity(path))
-    if path.is_dir():
-        digest = hashlib.sha256()
-        for file in sorted(path.glob("*.pth")):
-            digest.update(file.name.encode() + b"\0" + _content_sha256(file_identity(file)).encode())
-        return digest.hexdigest()
-    return None
-
-
-def describe_checkpoint(checkpoint: str | Path, mode: ProvenanceMode) -> str:
-    """How shipped files name a base checkpoint: its path (full), else its published name or content fingerprint."""
-    text = str(checkpoint)
+def describe_checkpoint(path: Path, published: str | None, mode: ProvenanceMode) -> str:
+    """How shipped files name a base checkpoint (the file a run loaded, `weights.ResolvedCheckpoint`): its
+    published name when it has one, else its resolved path (full) or the fingerprint of its content (clean)."""
+    if published:
+        return published
     if mode == "full":
-        path = Path(text).expanduser()
-        return str(path.resolve()) if path.exists() else text
-    fp = checkpoint_fingerprint(checkpoint)
-    if fp is None:  # a published name from `m2dx weights list` (no path in it)
-        return text if "/" not in text and "\\" not in text else f"checkpoint {short_sha(_text_sha(text))}"
-    return f"checkpoint {short_sha(fp)}"
-
-
-def _text_sha(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()
+        return str(Path(path).expanduser().resolve())
+    identity = file_identity(path)
+    if identity is None:
+        raise FileNotFoundError(f"{path}: checkpoint vanished while being fingerprinted")
+    return f"checkpoint {short_sha(content_sha256(identity))}"
 
 
 @dataclass(frozen=True)
@@ -120,18 +91,19 @@ class Provenance:
                 "internal_records": list(INTERNAL_RECORDS)}
 
 
-def run_provenance(mode: ProvenanceMode, *, task: str, data: str | Path, data_sha256: str,
-                   checkpoint: str | Path, run_dir: Path, name: str = "", normal_class: str | None = None) -> Provenance:
+def run_provenance(mode: ProvenanceMode, *, task: str, data: str | Path, data_sha256: str, checkpoint: Path,
+                   published: str | None, run_dir: Path, name: str = "", normal_class: str | None = None) -> Provenance:
     """The Provenance of a fine-tuning run; `command` re-runs it from the resolved recipe.toml of `run_dir`.
 
     The command passes the run's own recipe.toml (every resolved setting: tuned parameters, repeats,
-    epochs, seed), so it reproduces the run whatever flags started it.
+    epochs, seed), so it reproduces the run whatever flags started it. `checkpoint` is the file the run
+    loaded, `published` the published name it was found by (None for a folder or file).
     """
     if mode not in PROVENANCE_MODES:
         from .errors import ConfigError
 
         raise ConfigError(f"run.provenance must be clean or full, got {mode!r}")
-    ckpt = describe_checkpoint(checkpoint, mode)
+    ckpt = describe_checkpoint(checkpoint, published, mode)
     card_name = name or f"{task}-{data_sha256[:8]}"
     if mode == "full":
         data_text = str(Path(data).expanduser().resolve())

@@ -22,7 +22,8 @@ from .data.icbhi import SPLIT_FILE, annotation_dir
 from .demo_data import demo_noise_dir, make_demo_icbhi
 from .errors import ConfigError
 from .finetune import finetune
-from .predict import describe_recording, predict
+from .predict import predict
+from .predict_outputs import describe_recording
 from .pretrain import resume_run, start_run
 from .recipes import FinetuneRecipe, PretrainRecipe
 from .rundir import check_inputs, fingerprint, hold, record_inputs, tree_fingerprint

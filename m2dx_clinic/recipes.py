@@ -14,30 +14,56 @@ The numbers and where they come from are in docs/METHOD.md.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .config import PredictorConfig, ViTConfig
 from .errors import ConfigError
 
 ICBHI_BASE = "m2d_vit_base-80x200p16x4-230529"  # the paper's ICBHI base, a name of weights.PUBLISHED_WEIGHTS
 
 
 # ============================================================================ pre-training
-@dataclass
-class ModelSection:
-    """Architecture for training from scratch (ignored when a base checkpoint gives it)."""
+PREDICTOR_KEYS = {"dim": "predictor_dim", "depth": "predictor_depth", "num_heads": "predictor_heads"}
+"""The `PredictorConfig` fields a recipe's flat `[model]` table sets, by key (`--set model.predictor_dim=...`)."""
 
-    input_size: tuple[int, int] = (80, 200)
-    patch_size: tuple[int, int] = (16, 4)
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    sample_rate: int = 16000
-    predictor_dim: int = 512
-    predictor_depth: int = 8
-    predictor_heads: int = 16
+
+class _ModelGeometry:
+    """What `ModelSection` adds to its fields: the two configs it stands for, and back."""
+
+    def vit_config(self) -> ViTConfig:
+        """The encoder this table describes (training from scratch)."""
+        return ViTConfig(**{f.name: _as_tuple(getattr(self, f.name)) for f in dataclasses.fields(ViTConfig)})
+
+    def predictor_config(self) -> PredictorConfig:
+        """The predictor this table describes; fields the table has no key for keep their defaults."""
+        return PredictorConfig(**{name: getattr(self, key) for name, key in PREDICTOR_KEYS.items()})
+
+    def adopt(self, vit: ViTConfig, predictor: PredictorConfig) -> None:
+        """Set the table to a model's geometry (a base checkpoint decides it; recipe.toml records it)."""
+        for f in dataclasses.fields(ViTConfig):
+            setattr(self, f.name, _as_tuple(getattr(vit, f.name)))
+        for name, key in PREDICTOR_KEYS.items():
+            setattr(self, key, getattr(predictor, name))
+
+
+def _as_tuple(value: object) -> object:
+    return tuple(value) if isinstance(value, list) else value
+
+
+# The [model] table is flat (`embed_dim`, `predictor_dim`, ...) in every recipe a user has, so it cannot nest
+# the two configs; its keys, types and defaults are taken from them instead, so they are declared once.
+ModelSection = dataclasses.make_dataclass(
+    "ModelSection",
+    [(f.name, f.type, field(default=f.default)) for f in dataclasses.fields(ViTConfig)]
+    + [(key, f.type, field(default=f.default)) for f in dataclasses.fields(PredictorConfig)
+       if (key := PREDICTOR_KEYS.get(f.name))],
+    bases=(_ModelGeometry,),
+    namespace={"__module__": __name__, "__doc__": "Architecture for training from scratch (ignored when a base checkpoint gives it): the "
+                          "`ViTConfig` fields, then the predictor's as `predictor_dim` / `_depth` / `_heads`."},
+)
 
 
 @dataclass

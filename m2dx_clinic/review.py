@@ -5,7 +5,7 @@ model looked can. `write_review` turns a prediction folder (segments.csv, record
 summary.json) into static HTML with its images and audio beside it, opened from disk with no
 server and no network: an index sorted by P(abnormal), one section per recording (log-mel with
 the segments coloured by P(abnormal), the class probabilities, a player), and occlusion maps for
-the top flagged segments, computed from the classifier predict used (`predict.load_model_set`).
+the top flagged segments, computed from the classifier predict used (`inference.load_model_set`).
 
 Occlusion: each time-frequency patch of the segment's model input is set to the segment's mean
 log-mel and the drop in P(abnormal) is measured; a patch whose removal lowers P(abnormal) is one
@@ -34,7 +34,7 @@ from .data.segments import Segment
 from .document import CSS
 from .errors import CheckpointError, DataError
 from .fileio import atomic_write_bytes, atomic_write_text
-from .predict import ModelSet, load_model_set, probabilities
+from .inference import ModelSet, load_model_set, model_set_probabilities
 from .progress import make_progress
 from .provenance import scrub_text, short_sha
 from .review_plots import plot_explanation, plot_recording
@@ -76,7 +76,8 @@ def occlusion_map(models: ModelSet, lms: torch.Tensor, *, valid_frames: int, dev
             hidden = lms.clone()
             hidden[b0:b1, f0:f1] = fill
             variants.append(hidden)
-    probs = probabilities(models, torch.stack(variants), device=device, batch_size=batch_size)  # [1 + patches, K]
+    probs = model_set_probabilities(models, torch.stack(variants), device=device,
+                                    batch_size=batch_size)  # [1 + patches, K]
     p_abnormal = 1.0 - probs[:, models.first.normal_index]
     drop = (p_abnormal[0] - p_abnormal[1:]).reshape(len(band_edges) - 1, len(frame_edges) - 1)
     return Explanation(drop, band_edges, frame_edges, float(p_abnormal[0]), len(variants) * len(models.members),

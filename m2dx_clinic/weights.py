@@ -4,7 +4,9 @@ Users start from a published checkpoint; naming it (`m2d_vit_base-80x200p16x4-23
 as good as giving a path. The table is plain data so the CLI can list it and tests can check it;
 the geometry of each entry is parsed from its name, exactly as the reference loaders do.
 `open_checkpoint` / `load_encoder` take a published name, a folder or a file, so every command
-accepts all three.
+accepts all three. A run that starts from a base checkpoint resolves it once (`load_base`): the
+`ResolvedCheckpoint` it gets back says which file was loaded and under which published name, and is
+what the run's records, classifier files and model card name.
 """
 
 from __future__ import annotations
@@ -12,21 +14,26 @@ from __future__ import annotations
 import difflib
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from .checkpoint import LoadedCheckpoint, latest_checkpoint, parse_geometry_from_name
 from .errors import CheckpointError, ConfigError, DownloadError
 from .fetch import check_zip, download_file, extract_zip, is_completed, mark_completed
-from .models.vit import AudioViT
+from .fileio import FileIdentity, file_identity
+from .models.vit import AudioViT, ViTConfig
 
 GITHUB_RELEASES = "https://github.com/nttcslab/m2d/releases/download"
 
 __all__ = [
     "PUBLISHED_WEIGHTS",
     "PublishedWeights",
+    "ResolvedCheckpoint",
+    "checkpoint_key",
     "download_weights",
     "get_published",
+    "load_base",
     "load_encoder",
     "open_checkpoint",
     "resolve_checkpoint",
@@ -249,11 +256,16 @@ def resolve_checkpoint(
 
     Published names resolve to the cached download; with download=True a missing one is fetched.
     """
+    return _find(name_or_path, download=download, cache_dir=cache_dir)[0]
+
+
+def _find(name_or_path: str | Path, *, download: bool, cache_dir: Path | None) -> tuple[Path, str | None]:
+    """(the `.pth` file, the published name when `name_or_path` was one): `resolve_checkpoint`'s one search."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
-        return path
+        return path, None
     if path.is_dir():
-        return latest_checkpoint(path)
+        return latest_checkpoint(path), None
 
     text = _normalize(str(name_or_path))
     if text in _BY_NAME:
@@ -261,11 +273,11 @@ def resolve_checkpoint(
         folder = cache / text
         if folder.is_dir():
             try:
-                return latest_checkpoint(folder)
+                return latest_checkpoint(folder), text
             except CheckpointError:
                 pass
         if download:
-            return download_weights(text, cache)
+            return download_weights(text, cache), text
         raise CheckpointError(
             f"published weights {text} are not downloaded yet (looked in {folder}); "
             f"run: m2dx weights download {text}"
@@ -287,3 +299,49 @@ def open_checkpoint(name_or_path: str | Path, *, download: bool = False) -> Load
 def load_encoder(name_or_path: str | Path, *, download: bool = False) -> AudioViT:
     """A ready encoder (eval mode) from any accepted checkpoint layout."""
     return open_checkpoint(name_or_path, download=download).encoder()
+
+
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    """A base checkpoint as a run uses it, settled once where it is loaded.
+
+    `--checkpoint` may be a published name, a folder or a file; which file that was, and whether a
+    published name found it in the weights cache, is decided here and nowhere later, so the run's
+    records say the same thing as the weights it trained (a published name is no longer "not a path").
+    """
+
+    given: str  # what the user passed, as they passed it (commands that re-run the run repeat it)
+    path: Path  # the `.pth` file loaded
+    published: str | None  # the published weights name `given` was, else None
+    vit_config: ViTConfig  # the encoder's geometry
+    identity: FileIdentity  # (resolved path, size, mtime) of the file: a fingerprint that costs no read
+
+    @property
+    def key(self) -> Any:
+        """What an inputs fingerprint records of it (`checkpoint_key`)."""
+        return checkpoint_key(self.path, self.published)
+
+    def record(self) -> dict[str, Any]:
+        """The run's internal record of it (metrics.json; never shipped: it holds a path)."""
+        return {"checkpoint": self.given, "checkpoint_resolved": self.identity.path,
+                "checkpoint_published": self.published}
+
+
+def checkpoint_key(path: Path, published: str | None = None) -> Any:
+    """A base checkpoint in an inputs fingerprint: its published name (a release never changes), else the
+    identity of the file (path, size, mtime), so an edited or replaced file is new input."""
+    if published:
+        return published
+    identity = file_identity(path)
+    return asdict(identity) if identity is not None else str(path)
+
+
+def load_base(name_or_path: str | Path, *, download: bool = False) -> tuple[AudioViT, ResolvedCheckpoint]:
+    """The encoder (eval mode) of a run's base checkpoint and what it was resolved to (`ResolvedCheckpoint`)."""
+    path, published = _find(name_or_path, download=download, cache_dir=None)
+    loaded = LoadedCheckpoint(path)
+    encoder = loaded.encoder()
+    identity = file_identity(path)
+    if identity is None:  # pragma: no cover - removed between loading and stat
+        raise CheckpointError(f"{path}: checkpoint vanished while being loaded")
+    return encoder, ResolvedCheckpoint(str(name_or_path), path, published, loaded.vit_config, identity)

@@ -7,6 +7,7 @@ import getpass
 import json
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -110,6 +111,30 @@ def test_full_provenance_opts_back_in(planted, tmp_path):
     run = finetune(recipe, task="csv", data=planted["csv"], checkpoint=planted["ckpt"], progress=False).run_dir
     card = (run / "MODEL_CARD.md").read_text()
     assert str(planted["csv"].resolve()) in card and card.startswith("# Model card: lung-v1 (")
+
+
+def test_a_published_name_is_found_named_and_kept_out_of_shipped_paths(planted, tmp_path, monkeypatch):
+    """--checkpoint <published name>: the internal record says the name AND the file it found in the weights
+    cache (it used to say None); shipped files name the weights by that name and carry no cache path."""
+    from m2dx_clinic.checkpoint.classifier import load_classifier
+    from m2dx_clinic.recipes import ICBHI_BASE
+
+    cache = tmp_path / "weights"
+    found = cache / ICBHI_BASE / "checkpoint-1.pth"  # the tiny checkpoint has the published name's geometry
+    found.parent.mkdir(parents=True)
+    shutil.copy(planted["ckpt"], found)
+    monkeypatch.setenv("M2DX_WEIGHTS", str(cache))
+    recipe = load_recipe(FinetuneRecipe, "tiny_finetune", [
+        f"run.out='{tmp_path / 'run'}'", f"data.cache_dir='{planted['root'] / 'cache'}'", *OVERRIDES,
+        "run.repeats=1", "run.baseline=false"])
+    run = finetune(recipe, task="csv", data=planted["csv"], checkpoint=ICBHI_BASE, progress=False).run_dir
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["checkpoint"] == ICBHI_BASE and metrics["checkpoint_published"] == ICBHI_BASE
+    assert metrics["checkpoint_resolved"] == str(found.resolve())
+    assert load_classifier(run / "best.pt").meta["base_checkpoint"] == ICBHI_BASE
+    assert f"base checkpoint: {ICBHI_BASE}" in (run / "MODEL_CARD.md").read_text()
+    for path in _shipped(run):
+        assert str(tmp_path).encode() not in path.read_bytes(), f"{path.relative_to(run)} names a path"
 
 
 def test_scrub_keeps_prose_and_removes_paths():

@@ -98,7 +98,7 @@ LAYERS = [  # docs/ARCHITECTURE.md: each layer imports only from the layers abov
     ("models", "objectives", "augment", "metrics", "evaluation"),
     ("checkpoint", "weights", "inference"),
     ("pretrain", "pretrain_setup", "finetune", "finetune_run", "finetune_outputs", "model_card", "linear_eval"),
-    ("predict", "export", "embed", "review", "review_plots", "evaluate", "evaluation_card"),
+    ("predict", "predict_outputs", "export", "embed", "review", "review_plots", "evaluate", "evaluation_card"),
     ("tuning", "report", "quickstart", "compare"),
     ("cli", "__main__", "m2dx_clinic"),  # the package root re-exports load_classifier and predict
 ]

@@ -162,6 +162,16 @@ def test_bad_tune_settings(tmp_path):
         load_search_space(write_tune_recipe(tmp_path, ""))
 
 
+def test_tune_flags_are_overrides_of_the_tune_table():
+    """`m2dx tune --trials 7 --pruner Median --timeout 90m` reaches the [tune] table as overrides, checked like the file."""
+    settings, _ = load_search_space("tiny_tune", ["tune.trials=7", 'tune.pruner="Median"', 'tune.timeout="90m"'])
+    assert (settings.trials, settings.pruner, settings.timeout) == (7, "median", 5400.0)
+    with pytest.raises(ConfigError, match=r"with tune.trials=0: tune.trials must be at least 1"):
+        load_search_space("tiny_tune", ["tune.trials=0"])
+    with pytest.raises(ConfigError, match="only \\[tune\\] keys"):
+        load_search_space("tiny_tune", ["optim.lr=1e-4"])
+
+
 def test_parse_duration():
     assert parse_duration("8h") == 8 * 3600
     assert parse_duration("1h30m") == 5400

@@ -186,9 +186,12 @@ def tune_cmd(
     from ..tuning import tune
 
     name = {"tiny": "tiny_tune"}.get(recipe, recipe)
-    result = tune(task=task, data=data, checkpoint=checkpoint, tune_recipe=name, trials=trials,
-                  timeout=timeout, storage=storage, study_name=study, out=out, repeats=repeats,
-                  pruner=pruner, normal_class=normal_class, overrides=list(sets or []), final_test=not no_final_test)
+    # flags that set the tune recipe's [tune] table arrive as its overrides; --set overrides the fine-tuning recipe
+    settings = _overrides({"tune.trials": trials, "tune.timeout": timeout, "tune.repeats": repeats,
+                           "tune.pruner": pruner}, None)
+    result = tune(task=task, data=data, checkpoint=checkpoint, tune_recipe=name, tune_overrides=settings,
+                  storage=storage, study_name=study, out=out, normal_class=normal_class, overrides=list(sets or []),
+                  final_test=not no_final_test)
     _console().print(f"[green]done[/]: best.toml, trials.csv and plots in {result.out_dir}")
 
 

@@ -71,7 +71,7 @@ def predict_cmd(
                          default=str))
         _exit_if_files_failed(result.failed)
         return
-    from ..predict import describe_recording
+    from ..predict_outputs import describe_recording
 
     for row in result.recordings.to_dict(orient="records"):
         _console().print(describe_recording(row, s), highlight=False)
@@ -123,7 +123,7 @@ def export_cmd(
     Example: m2dx export --model runs/lung_ft --format onnx --out lung.onnx
     """
     from ..export import export_classifier, what_is_exported
-    from ..predict import load_model_set
+    from ..inference import load_model_set
 
     if format not in ("onnx", "safetensors"):
         raise ConfigError(f"--format {format!r}: use onnx or safetensors")

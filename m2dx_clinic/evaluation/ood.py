@@ -6,7 +6,7 @@ and standard deviation over time and frequency, summarised by quantiles). Only a
 kept: no recording name, path or subject, so the file can be shared.
 
 At prediction, `flag_segment` compares one segment with the profile and names what is far outside it
-(docs/METHOD.md, "Out-of-distribution flags"). A flag never stops a prediction; it tells the reader
+(docs/METHOD.md, "Out-of-distribution flags"); `flag_segments` does it for a recording's segments. A flag never stops a prediction; it tells the reader
 that the model was not trained on audio like this.
 """
 
@@ -122,6 +122,18 @@ def flag_segment(profile: dict[str, Any] | None, *, duration: float | None, samp
             q = profile[key]
             flags.append(f"log-mel {name} far too {side} ({value:.2f}; training {q['q01']:.2f} to {q['q99']:.2f})")
     return flags
+
+
+def flag_segments(profile: dict[str, Any] | None, items: Sequence[Any], lms: torch.Tensor, *, sample_rate: int,
+                  duration: float, frames_per_second: float) -> list[list[str]]:
+    """Per segment of one recording (`items`: Segments with start / end, `lms`: their raw log-mels), what puts
+    it outside the classifier's training audio; an open end means the end of the recording (`duration`)."""
+    if not profile:
+        return [[] for _ in items]
+    lengths = [(it.end if it.end is not None else duration) - (it.start or 0.0) for it in items]
+    stats = segment_statistics(lms, lengths, frames_per_second)
+    return [flag_segment(profile, duration=d, sample_rate=sample_rate, mean=m, std=sd)
+            for d, (m, sd) in zip(lengths, stats)]
 
 
 def describe(profile: dict[str, Any] | None) -> str:

@@ -11,11 +11,10 @@ predictions for the masked patches, their EMA targets and, for M2D-X, per-frame 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from ..config import PredictorConfig  # plain data, declared beside the recipes; importable from here as before
 from ..objectives import gather_tokens
 from .vit import (
     DEFAULT_NORM_STATS,
@@ -26,16 +25,6 @@ from .vit import (
     make_blocks,
     sincos_2d,
 )
-
-
-@dataclass(frozen=True)
-class PredictorConfig:
-    """The M2D predictor ("decoder"): 512-d, 8 blocks, 16 heads in every published model."""
-
-    dim: int = 512
-    depth: int = 8
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
 
 
 class M2D(AudioViT):

@@ -11,7 +11,6 @@ Token order is frequency-major: token index = f * T' + t (Conv2d output flattene
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -19,30 +18,9 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from ..config import ViTConfig  # plain data, declared beside the recipes; importable from here as before
+
 DEFAULT_NORM_STATS = (-7.1, 4.2)  # AudioSet log-mel mean/std of the 2022 models (docs/METHOD.md)
-
-
-@dataclass(frozen=True)
-class ViTConfig:
-    """Encoder geometry and size. Defaults = ViT-Base on 80x200 log-mel with 16x4 patches (ICBHI base)."""
-
-    input_size: tuple[int, int] = (80, 200)  # (mel bins, frames) the model is trained on
-    patch_size: tuple[int, int] = (16, 4)  # (freq, time)
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    sample_rate: int = 16000
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        """(F, T') patches along frequency and time."""
-        return self.input_size[0] // self.patch_size[0], self.input_size[1] // self.patch_size[1]
-
-    @property
-    def num_patches(self) -> int:
-        f, t = self.grid_size
-        return f * t
 
 
 def sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ from ..finetune import finetune_inputs, select_splits
 from ..models.vit import AudioViT
 from ..progress import console, read_jsonl
 from ..recipes import FinetuneRecipe
+from ..weights import checkpoint_key
 from .health import (
     DRIFT_WARN_COS,
     HEALTH_BASE_NAME,
@@ -98,7 +99,7 @@ def _finetune_checkpoint(path: Path, epoch: int, *, recipe_name: str, task: str,
     """
     recipe = load_recipe(FinetuneRecipe, recipe_name)
     expected = finetune_inputs(recipe, task_data.fingerprint(select_splits(task_data, recipe, score_test=True))["sha256"],
-                               path)
+                               checkpoint_key(path))
     base_out = report_dir / "finetune" / f"epoch-{epoch}"
     out, attempt = base_out, 1
     while (out / "metrics.json").is_file():

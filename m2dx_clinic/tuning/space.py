@@ -200,15 +200,22 @@ def _collect_space(table: dict[str, Any], prefix: str = "") -> list[tuple[str, d
     return found
 
 
-def load_search_space(path_or_name: str | Path) -> tuple[TuneSettings, list[Param]]:
+def load_search_space(path_or_name: str | Path, overrides: Sequence[str] = ()) -> tuple[TuneSettings, list[Param]]:
     """Read a tune recipe (`icbhi_tune` or a path) into checked settings and parameters.
 
-    Everything is validated here, before any compute: unknown keys, wrong types, inverted bounds and
-    any attempt to search `run.*` (which could select models on the test split) raise ConfigError.
+    `overrides` are `tune.key=value` strings over its `[tune]` table (`m2dx tune --trials 5` arrives as
+    `tune.trials=5`, the way `m2dx finetune`'s flags reach its recipe), so a value given on the command
+    line is checked by the same rules as one written in the file. Everything is validated here, before
+    any compute: unknown keys, wrong types, inverted bounds and any attempt to search `run.*` (which
+    could select models on the test split) raise ConfigError.
     """
     path = find_recipe(path_or_name)
     values = read_toml(path)
     values.pop("about", None)
+    outside = [text for text in overrides if not text.split("=", 1)[0].strip().startswith("tune.")]
+    if outside:
+        raise ConfigError(f"{', '.join(outside)}: only [tune] keys (tune.key=value) override a tune recipe")
+    values = apply_overrides(values, list(overrides))
     unknown = sorted(set(values) - {"tune", "space"})
     if unknown:
         raise ConfigError(f"{path}: unknown table(s) {', '.join(unknown)}; a tune recipe has [tune] and [space.\"<key>\"]")
@@ -219,11 +226,14 @@ def load_search_space(path_or_name: str | Path) -> tuple[TuneSettings, list[Para
         tune_table["timeout"] = parse_duration(tune_table["timeout"])
         if tune_table["timeout"] is None:
             del tune_table["timeout"]
+    if isinstance(tune_table.get("pruner"), str):  # `--pruner Median` means median
+        tune_table["pruner"] = tune_table["pruner"].strip().lower()
+    where = f"{path} with {' '.join(overrides)}" if overrides else str(path)  # a flag's mistake is not the file's
     try:
         settings = config.build_dataclass(TuneSettings, tune_table, "tune")
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    validate_tune_settings(settings, str(path))
+        raise ConfigError(f"{where}: {exc}") from None
+    validate_tune_settings(settings, where)
     # A finetune recipe named relative to the tune recipe wins over recipes/ (user recipes live together).
     ft = Path(settings.finetune_recipe)
     if not ft.is_absolute():

@@ -52,7 +52,7 @@ from .storage import (
     make_storage,
     storage_url,
 )
-from .space import Param, assert_validation_only, load_search_space, params_to_tables, parse_duration, suggest
+from .space import Param, assert_validation_only, load_search_space, params_to_tables, suggest
 
 def metric_text(metric: str, value: float | None) -> str:
     """One unit everywhere: scores in percent, the loss as a plain number."""
@@ -65,7 +65,8 @@ def metric_text(metric: str, value: float | None) -> str:
 class TuneJob:
     """One search, resolved and checked before any compute: what to tune, on what, where, how."""
 
-    settings: TuneSettings
+    settings: TuneSettings  # the tune recipe's [tune] table with this invocation's flags over it
+    recipe_settings: TuneSettings  # the table as the recipe file says it: what identifies the study
     params: list[Param]
     tune_recipe: str
     task: str
@@ -78,12 +79,24 @@ class TuneJob:
     out_dir: Path
     study_name: str
     storage: str | None  # None = the default one-worker SQLite file in out_dir
-    target: int
-    timeout: float | None
-    repeats: int
     pruner: optuna.pruners.BasePruner
     final_test: bool
     progress: bool
+
+    @property
+    def target(self) -> int:
+        """Finished trials the study should hold (`tune.trials`)."""
+        return self.settings.trials
+
+    @property
+    def repeats(self) -> int:
+        """Seeds per trial (`tune.repeats`)."""
+        return self.settings.repeats
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds this invocation may search (`tune.timeout`; None: no limit)."""
+        return self.settings.timeout
 
 
 class _Objective:
@@ -294,15 +307,19 @@ def tune(
     pruner: str | None = None,
     normal_class: str | None = None,
     overrides: Sequence[str] = (),
+    tune_overrides: Sequence[str] = (),
     final_test: bool = True,
     progress: bool = True,
 ) -> TuneResult:
     """Search fine-tuning hyper-parameters on the validation split, then test the best once.
 
-    `trials`, `repeats` and `pruner` default to the tune recipe's `[tune]` values. `trials` is the
-    study's target: finished (complete + pruned) trials already in the study count, so re-running
-    the same command resumes a killed search and only runs what is missing. `timeout` (seconds)
-    limits this invocation.
+    `trials`, `timeout`, `repeats` and `pruner` default to the tune recipe's `[tune]` values; they
+    become `tune.<key>=value` overrides, followed by `tune_overrides` (what `m2dx tune` passes: its
+    flags, turned into overrides like `m2dx finetune`'s), so a value from Python, the command line or
+    the file is checked by one rule. `overrides` apply to the fine-tuning recipe of every trial.
+    `trials` is the study's target: finished (complete + pruned) trials already in the study count, so
+    re-running the same command resumes a killed search and only runs what is missing. `timeout`
+    (seconds, or a duration like "8h") limits this invocation.
 
     Storage: by default `sqlite:///<out>/optuna.db`, which suits ONE worker process. Pass an RDB URL
     (`postgresql://user:pw@host/db`, `mysql://...`) with the same `study_name` on several machines to
@@ -313,10 +330,11 @@ def tune(
     `m2dx finetune --params`), `trials.csv`, `summary.json`, `optimization_history.png`,
     `param_importances.png` and, with `final_test`, `final/` - the single run scored on test.
     """
-    job = plan_search(task=task, data=data, checkpoint=checkpoint, tune_recipe=tune_recipe, trials=trials,
-                      timeout=timeout, storage=storage, study_name=study_name, out=out, repeats=repeats,
-                      pruner=pruner, normal_class=normal_class, overrides=overrides, final_test=final_test,
-                      progress=progress)
+    given = to_overrides({"tune.trials": trials, "tune.timeout": timeout, "tune.repeats": repeats, "tune.pruner": pruner})
+    job = plan_search(task=task, data=data, checkpoint=checkpoint, tune_recipe=tune_recipe,
+                      tune_overrides=[*given, *tune_overrides],
+                      overrides=overrides, storage=storage, study_name=study_name, out=out,
+                      normal_class=normal_class, final_test=final_test, progress=progress)
     old_verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines replace Optuna's INFO logs
     try:
@@ -340,20 +358,18 @@ def tune(
 
 
 def plan_search(*, task: str, data: Path | str, checkpoint: str | Path, tune_recipe: str | Path,
-                trials: int | None, timeout: str | float | None, storage: str | None, study_name: str | None,
-                out: Path | None, repeats: int | None, pruner: str | None, normal_class: str | None,
-                overrides: Sequence[str], final_test: bool, progress: bool) -> TuneJob:
-    """Everything that can be checked without compute, in the order a user's mistake is most likely."""
-    settings, params = load_search_space(tune_recipe)
+                tune_overrides: Sequence[str], overrides: Sequence[str], storage: str | None, study_name: str | None,
+                out: Path | None, normal_class: str | None, final_test: bool, progress: bool) -> TuneJob:
+    """Everything that can be checked without compute, in the order a user's mistake is most likely.
+
+    `tune_overrides` (`tune.key=value`) go over the tune recipe's [tune] table and `overrides` over the
+    fine-tuning recipe, each checked by the same rules as the file it overrides.
+    """
+    settings, params = load_search_space(tune_recipe, tune_overrides)
+    # The study is identified by its recipe as written: trials, timeout, repeats and pruner given as flags
+    # may differ between the invocations that resume it (as they always could).
+    recipe_settings = load_search_space(tune_recipe)[0] if tune_overrides else settings
     recipe_stem = Path(str(tune_recipe)).stem
-    target = settings.trials if trials is None else int(trials)
-    repeats = settings.repeats if repeats is None else int(repeats)
-    pruner_name = (settings.pruner if pruner is None else pruner).strip().lower()
-    timeout = settings.timeout if timeout is None else parse_duration(timeout)
-    if target < 1:
-        raise ConfigError(f"--trials must be at least 1, got {target}")
-    if repeats < 1:
-        raise ConfigError(f"--repeats must be at least 1, got {repeats}")
     overrides = list(overrides)
     # The recipe every trial starts from: must be valid and select on validation BEFORE any compute.
     base = load_recipe(FinetuneRecipe, settings.finetune_recipe, overrides)
@@ -363,15 +379,14 @@ def plan_search(*, task: str, data: Path | str, checkpoint: str | Path, tune_rec
                           "search (C is chosen on validation in every run); use m2dx finetune --mode "
                           f"{base.run.mode} directly")
     out_dir = (Path(out) if out is not None else Path("runs") / f"tune-{task}-{recipe_stem}").expanduser()
-    pruner_obj = make_pruner(pruner_name, settings, repeats)  # validates the pruner/repeats pair early
+    pruner = make_pruner(settings.pruner, settings, settings.repeats)  # validates the pruner/repeats pair early
     # Load the task once: every trial shares the same items and the same validation split.
     task_data = load_task(task, data, normal_class=normal_class, val_fraction=base.data.val_fraction,
                           seed=base.run.seed, test_set=base.data.test_set)
-    return TuneJob(settings=settings, params=params, tune_recipe=str(tune_recipe), task=task, data=Path(data),
-                   checkpoint=checkpoint, normal_class=normal_class, overrides=overrides, base=base,
-                   task_data=task_data, out_dir=out_dir, study_name=study_name or f"{recipe_stem}-{task}",
-                   storage=storage, target=target, timeout=timeout, repeats=repeats, pruner=pruner_obj,
-                   final_test=final_test, progress=progress)
+    return TuneJob(settings=settings, recipe_settings=recipe_settings, params=params, tune_recipe=str(tune_recipe),
+                   task=task, data=Path(data), checkpoint=checkpoint, normal_class=normal_class, overrides=overrides,
+                   base=base, task_data=task_data, out_dir=out_dir, study_name=study_name or f"{recipe_stem}-{task}",
+                   storage=storage, pruner=pruner, final_test=final_test, progress=progress)
 
 
 def is_shared(job: TuneJob) -> bool:
@@ -382,7 +397,7 @@ def is_shared(job: TuneJob) -> bool:
 def study_inputs(job: TuneJob) -> dict[str, str]:
     """What a study's trials were made from; a resumed study must match (or trials from two data sets mix)."""
     return fingerprint(task=job.task, data=job.task_data.fingerprint()["sha256"], checkpoint=str(job.checkpoint),
-                       settings=dataclasses.asdict(job.settings) | {"trials": None, "timeout": None},
+                       settings=dataclasses.asdict(job.recipe_settings) | {"trials": None, "timeout": None},
                        space=[dataclasses.asdict(p) for p in job.params], overrides=job.overrides)
 
 
