@@ -3,12 +3,15 @@
 Builds a classifier file of the chosen size (random weights; the speed does not depend on them),
 writes `--files` noise recordings of `--seconds` seconds, runs the library's `predict` (decode,
 fixed-length windows, log-mel, model) once to warm up and `--runs` times measured, and prints ONE
-JSON line with the median.
+JSON line with the median per `--read-workers` value (threads decoding the next recordings while the
+model runs), each measured in the same process on the same files, alternating between the values run by
+run so that a change in the machine's load reaches all of them alike.
 
     python benchmarks/predict_throughput.py --size tiny --threads 2
     python benchmarks/predict_throughput.py --size base --threads 2 --amp off
     python benchmarks/predict_throughput.py --size base --threads 2 --amp bf16     # CPUs with bf16 units
     python benchmarks/predict_throughput.py --size base --device cuda --amp bf16 --files 200
+    python benchmarks/predict_throughput.py --size tiny --threads 2 --files 24 --read-workers 0,1,2
 """
 
 from __future__ import annotations
@@ -57,7 +60,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", choices=["auto", "bf16", "off"], default="off")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--read-workers", default="default",
+                    help="comma-separated values to compare, e.g. 0,1,2 ('default': predict's own choice)")
     args = ap.parse_args()
+    choices = [None if v == "default" else int(v) for v in args.read_workers.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="m2dx-predict-bench-"))
@@ -71,20 +77,25 @@ def main() -> None:
                      16000, subtype="PCM_16")
         kwargs = dict(segments="window", batch_size=args.batch_size, device=args.device, amp=args.amp, progress=False)
         predict(model, [work / "in"], work / "warm", **kwargs)
-        times = []
+        times: dict[int | None, list[float]] = {w: [] for w in choices}
+        used: dict[int | None, int] = {}
         for run in range(args.runs):
-            t0 = time.perf_counter()
-            result = predict(model, [work / "in"], work / f"out{run}", **kwargs)
-            times.append(time.perf_counter() - t0)
-        seconds = statistics.median(times)
+            for workers in choices:
+                t0 = time.perf_counter()
+                result = predict(model, [work / "in"], work / f"out{run}-{workers}", read_workers=workers, **kwargs)
+                times[workers].append(time.perf_counter() - t0)
+                used[workers] = result.summary["read_workers"]
         audio = args.files * args.seconds
-        print(json.dumps({
-            "size": args.size, "device": args.device if args.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
-            "amp": result.summary.get("amp"), "torch": torch.__version__, "files": args.files,
-            "seconds_per_file": args.seconds, "segments": len(result.segments), "runs": args.runs,
-            "median_s": round(seconds, 3), "all_s": [round(t, 3) for t in times],
-            "recordings_per_s": round(args.files / seconds, 2), "real_time_factor": round(audio / seconds, 1),
-        }), flush=True)
+        for workers in choices:
+            seconds = statistics.median(times[workers])
+            print(json.dumps({
+                "size": args.size, "device": args.device if args.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
+                "amp": result.summary.get("amp"), "torch": torch.__version__, "files": args.files,
+                "seconds_per_file": args.seconds, "segments": len(result.segments), "runs": args.runs,
+                "read_workers": used[workers], "asked": args.read_workers,
+                "median_s": round(seconds, 3), "all_s": [round(t, 3) for t in times[workers]],
+                "recordings_per_s": round(args.files / seconds, 2), "real_time_factor": round(audio / seconds, 1),
+            }), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

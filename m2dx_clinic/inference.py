@@ -4,7 +4,8 @@ Fine-tuning's evaluation, `m2dx predict`, `m2dx embed` and the report's probe al
 so a segment is planned, fitted, normalised and batched the same way wherever a model is applied:
 - inputs -> audio files (`audio_files`, `collect_inputs`); a folder without audio is a failure;
 - recordings -> segments (`plan_segments`: annotations found by the task registry, CSV ranges, or
-  windows), refused when shorter than the front-end accepts (`too_short`);
+  windows), refused when shorter than the front-end accepts (`too_short`), and their log-mels
+  (`read_recording`, the host's share of prediction, read ahead of the model by `default_read_workers`);
 - raw log-mel batches -> probabilities or embeddings, per-sample normalised, under one autocast rule;
 - the classifier(s) a user names -> a `ModelSet` (one file, or a run's repeats averaged, with the
   operating point and temperature they were chosen with), applied by `model_set_probabilities`.
@@ -13,6 +14,7 @@ so a segment is planned, fitted, normalised and batched the same way wherever a 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
@@ -21,10 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .audio import NO_AUDIO_FILES, FrontEndConfig, list_audio_files
+from .audio import NO_AUDIO_FILES, FrontEndConfig, audio_info, list_audio_files
 from .checkpoint.classifier import LoadedClassifier, candidate_folder, classifier_files, find_classifier, load_classifier
-from .data.segment_cache import SegmentArrays
-from .data.segments import read_manifest
+from .data.segment_cache import SegmentArrays, prepare_segments, readable_rows
+from .data.segments import Segment, read_manifest
 from .data.tasks import find_annotations
 from .errors import AudioError, CheckpointError, DataError
 from .evaluation.calibration import apply_temperature
@@ -118,6 +120,47 @@ def plan_segments(recording: Recording, duration: float, *, mode: SegmentMode, w
     if mode == "auto" and recording.ranges:
         return [(start or 0.0, end) for start, end in recording.ranges], "csv"
     return _windows(duration, window, hop), "window"
+
+
+@dataclass
+class ReadRecording:
+    """One recording made ready for the model on the host: its planned segments and their log-mels."""
+
+    path: Path
+    source: str  # where the segments came from: annotations, csv or window
+    rate: int
+    duration: float
+    items: list[Segment]
+    lms: torch.Tensor  # [S, n_mels, frames] raw log-mel of the readable segments
+    keep: np.ndarray  # [S_planned] bool: which planned segments were readable
+
+
+def read_recording(rec: Recording, *, head: LoadedClassifier, mode: SegmentMode, window: float,
+                   hop: float) -> ReadRecording:
+    """Decode, plan and compute the log-mels of one recording exactly as in training (the host's share of the
+    work, run by `runtime.read_ahead` threads in predict). An unreadable recording raises its one-line error."""
+    rate, duration = audio_info(rec.path)
+    if (short := too_short(rec.path, duration, head.frontend)) is not None:
+        raise short
+    plan, source = plan_segments(rec, duration, mode=mode, window=window, hop=hop)
+    items = [Segment(rec.path, start=s, end=e, item_id=f"{rec.path.stem}#{i:03d}") for i, (s, e) in enumerate(plan)]
+    problems: list[str] = []
+    lms = prepare_segments(items, frontend=head.frontend, length_s=head.segment_seconds, pad=head.pad,
+                           cache_dir=None, problems=problems, remember=False, progress=False)
+    keep = readable_rows(lms).numpy()
+    if not keep.any():
+        raise AudioError(rec.path, problems[0].split(": ", 1)[-1] if problems else "no readable segment")
+    kept = [it for it, k in zip(items, keep) if k]
+    return ReadRecording(rec.path, source, rate, duration, kept, lms[torch.from_numpy(keep)], keep)
+
+
+def default_read_workers(device: torch.device) -> int:
+    """Threads reading recordings ahead of the model. On a GPU the host's decoding and log-mels are the work
+    the device waits for, so up to 8 spare cores read. On a CPU the model needs the same cores: reading ahead
+    there measured slower (2 cores: tiny model 0.77 -> 1.03 s, ViT-B 17.3 -> 18.1 s for the same files;
+    BENCHMARKS.md), so none does."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores - 1)) if device.type == "cuda" else 0
 
 
 def _windows(duration: float, window: float, hop: float) -> list[tuple[float, float | None]]:

@@ -19,26 +19,25 @@ the words of the decision rule are `predict_outputs`'.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
-from .audio import audio_info
 from .checkpoint.classifier import LoadedClassifier
-from .data.segment_cache import prepare_segments, readable_rows
-from .data.segments import Segment
-from .errors import AudioError, ConfigError, M2DXError
+from .errors import ConfigError, M2DXError
 from .evaluation import ood
-from .inference import (ModelSet, Recording, SegmentMode, collect_inputs, load_model_set,  # noqa: F401 (re-exported)
-                        model_set_probabilities, plan_segments, too_short)
+from .inference import (ModelSet, ReadRecording, Recording, SegmentMode, collect_inputs,  # noqa: F401 (re-exported)
+                        default_read_workers, load_model_set, model_set_probabilities, read_recording)
 from .models.cpu_kernels import use_fast_cpu_kernels
 from .predict_outputs import (ClassifiedRecording, PredictionTable, PredictResult, decision_rule,  # noqa: F401
                               describe_recording, write_outputs)
 from .progress import console, make_progress
-from .runtime import keep_freed_cpu_memory, pick_amp, pick_device
+from .runtime import keep_freed_cpu_memory, pick_amp, pick_device, read_ahead
 
 probabilities = model_set_probabilities  # the name `predict` has always offered (`inference.model_set_probabilities`)
 
@@ -56,10 +55,12 @@ def predict(
     batch_size: int = 32,
     device: str = "auto",
     amp: str = "off",
+    read_workers: int | None = None,
     progress: bool = True,
 ) -> PredictResult:
-    """Classify every input recording and write segments.csv, recordings.csv and summary.json to `out_dir`."""
-    _check_options(segments, batch_size, amp)
+    """Classify every input recording and write segments.csv, recordings.csv and summary.json to `out_dir`.
+    `read_workers`: threads decoding the next recordings meanwhile (None: `default_read_workers`; 0: none)."""
+    _check_options(segments, batch_size, amp, read_workers)
     models = load_model_set(model, repeat=repeat, candidate=candidate)
     window, hop = _window_and_hop(models.first, window_seconds, hop_seconds)
     dev = pick_device(device)
@@ -68,61 +69,70 @@ def predict(
     keep_freed_cpu_memory(dev)
     recordings, failed = collect_inputs(inputs)
     table = PredictionTable(models)
+    read = functools.partial(read_recording, head=models.first, mode=segments, window=window, hop=hop)
+    workers = default_read_workers(dev) if read_workers is None else read_workers
     t0 = time.perf_counter()
     with make_progress(show=progress and bool(recordings)) as bar:
         task = bar.add_task("classifying", total=len(recordings), status="")
-        for index, rec in enumerate(recordings):
+
+        def classify_waiting() -> None:  # one forward pass over several recordings' segments
+            for done in classify(models, waiting, device=dev, batch_size=batch_size, amp_dtype=amp_dtype):
+                table.add(done)
+                elapsed = max(time.perf_counter() - t0, 1e-9)
+                bar.update(task, advance=1, status=f"{len(table.recordings) / elapsed:.1f} rec/s, "
+                                                    f"{table.audio_seconds / elapsed:.0f}x real time")
+            waiting.clear()
+
+        waiting: list[ReadRecording] = []
+        # the next recordings are decoded and turned into log-mels while the model works on the earlier ones
+        for rec, reading in read_ahead(read, recordings, workers=workers):
             try:
-                table.add(classify_recording(models, rec, mode=segments, window=window, hop=hop, device=dev,
-                                             batch_size=batch_size, amp_dtype=amp_dtype))
+                waiting.append(reading.result())
             except M2DXError as exc:  # one bad file never costs the batch
                 failed.append((str(rec.path), str(exc).removeprefix(f"{rec.path}: ")))
                 bar.advance(task)
                 continue
-            elapsed = max(time.perf_counter() - t0, 1e-9)
-            bar.update(task, advance=1,
-                       status=f"{(index + 1) / elapsed:.1f} rec/s, {table.audio_seconds / elapsed:.0f}x real time")
+            if sum(len(r.items) for r in waiting) >= batch_size:
+                classify_waiting()
+        classify_waiting()
     elapsed = time.perf_counter() - t0
     if progress:
         console.print(ood.describe(models.first.meta.get("audio_profile")))
         for path, why in table.flagged:
             console.print(f"[yellow]unlike the training audio:[/] {path}: {', '.join(why)}")
     run = {"segments_mode": segments, "window_seconds": window, "hop_seconds": hop, "device": str(dev),
-           "amp": amp_dtype}
+           "amp": amp_dtype, "read_workers": workers}
     return write_outputs(Path(out_dir), table, failed, run=run, seconds=elapsed)
 
 
-def classify_recording(models: ModelSet, rec: Recording, *, mode: SegmentMode, window: float, hop: float,
-                       device: torch.device, batch_size: int, amp_dtype: torch.dtype | None) -> ClassifiedRecording:
-    """One recording through exactly the training path: its segments, their probabilities, and what in them is
-    unlike the classifier's training audio. An unreadable recording raises its one-line M2DXError."""
+def classify(models: ModelSet, reads: Sequence[ReadRecording], *, device: torch.device, batch_size: int,
+             amp_dtype: torch.dtype | None) -> list[ClassifiedRecording]:
+    """Read recordings' probabilities, batched across recordings (a short recording alone would leave the
+    device idle), and what in each is unlike the classifier's training audio."""
+    if not reads:
+        return []
     head = models.first
-    rate, duration = audio_info(rec.path)
-    if (short := too_short(rec.path, duration, head.frontend)) is not None:
-        raise short
-    plan, source = plan_segments(rec, duration, mode=mode, window=window, hop=hop)
-    items = [Segment(rec.path, start=s, end=e, item_id=f"{rec.path.stem}#{i:03d}") for i, (s, e) in enumerate(plan)]
-    problems: list[str] = []
-    lms = prepare_segments(items, frontend=head.frontend, length_s=head.segment_seconds, pad=head.pad,
-                           cache_dir=None, problems=problems, remember=False)
-    keep = readable_rows(lms).numpy()
-    if not keep.any():
-        raise AudioError(rec.path, problems[0].split(": ", 1)[-1] if problems else "no readable segment")
-    kept_lms = lms[torch.from_numpy(keep)]
-    probs = model_set_probabilities(models, kept_lms, device=device, batch_size=batch_size, amp_dtype=amp_dtype)
-    kept = [it for it, k in zip(items, keep) if k]
-    flags = ood.flag_segments(head.meta.get("audio_profile"), kept, kept_lms, sample_rate=rate, duration=duration,
-                              frames_per_second=head.frontend.frames_per_second)
-    return ClassifiedRecording(rec.path, source, duration, kept, probs, int((~keep).sum()), flags)
+    lms = torch.cat([r.lms for r in reads])  # [sum S, n_mels, frames]
+    probs = model_set_probabilities(models, lms, device=device, batch_size=batch_size, amp_dtype=amp_dtype)
+    ends = np.cumsum([len(r.items) for r in reads])
+    out = []
+    for read, part in zip(reads, np.split(probs, ends[:-1])):  # part: [S, K] of this recording
+        flags = ood.flag_segments(head.meta.get("audio_profile"), read.items, read.lms, sample_rate=read.rate,
+                                  duration=read.duration, frames_per_second=head.frontend.frames_per_second)
+        out.append(ClassifiedRecording(read.path, read.source, read.duration, read.items, part,
+                                       int((~read.keep).sum()), flags))
+    return out
 
 
-def _check_options(segments: str, batch_size: int, amp: str) -> None:
+def _check_options(segments: str, batch_size: int, amp: str, read_workers: int | None) -> None:
     if segments not in ("auto", "annotations", "window"):
         raise ConfigError(f"--segments {segments!r}: use auto, annotations or window")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     if amp not in ("off", "auto", "bf16", "fp16"):
         raise ConfigError(f"--amp {amp!r}: use off, auto, bf16 or fp16")
+    if read_workers is not None and read_workers < 0:
+        raise ConfigError(f"--read-workers must be >= 0 (0: read in the main thread), got {read_workers}")
 
 
 def _window_and_hop(head: LoadedClassifier, window_seconds: float | None,

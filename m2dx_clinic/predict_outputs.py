@@ -123,6 +123,7 @@ def summarize(table: PredictionTable, failed: list[tuple[str, str]], *, run: dic
         "recordings_per_s": len(table.recordings) / seconds if seconds > 0 else None,
         "real_time_factor": table.audio_seconds / seconds if seconds > 0 else None,
         "device": run["device"], "amp": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[run["amp"]],
+        "read_workers": run.get("read_workers"),
         "package_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -269,10 +269,10 @@ def read_ahead(work: Callable[[T], R], items: Iterable[T], *, workers: int,
     Why: `m2dx predict` spends most of its time decoding and computing log-mels on the host, which release
     the GIL (soundfile, torch ops), while the model waits; reading the next recordings during the current
     one's forward pass keeps the device fed. The caller calls `future.result()` inside its own error
-    handling, so a failing item is reported where it would have been without read-ahead. `workers` <= 1:
+    handling, so a failing item is reported where it would have been without read-ahead. `workers` 0:
     each item is worked on when its result is asked for, in the caller's thread (no thread at all).
     Memory is bounded: at most `ahead` results wait in memory."""
-    if workers <= 1:
+    if workers <= 0:
         for item in items:
             yield item, _Deferred(work, item)
         return

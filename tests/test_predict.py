@@ -22,10 +22,11 @@ from m2dx_clinic.config import load_recipe
 from m2dx_clinic.data.segment_cache import prepare_segments
 from m2dx_clinic.data.tasks import load_task
 from m2dx_clinic.embed import embed_files, encode_waveform
-from m2dx_clinic.errors import CheckpointError
+from m2dx_clinic.errors import CheckpointError, ConfigError
 from m2dx_clinic.finetune import finetune
 from m2dx_clinic.models.vit import ViTConfig
-from m2dx_clinic.predict import Recording, plan_segments, predict
+from m2dx_clinic.inference import Recording, plan_segments
+from m2dx_clinic.predict import predict
 from m2dx_clinic.recipes import FinetuneRecipe
 
 from conftest import write_wav
@@ -207,6 +208,23 @@ def test_bad_files_are_named_one_line_each_the_rest_written(finished_run, demo_i
     recs = pd.read_csv(out / "recordings.csv")
     assert recs["recording"].tolist() == [str(good)]
     assert len(json.loads((out / "summary.json").read_text())["failed"]) == 4
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+def test_reading_ahead_changes_nothing_but_the_speed(finished_run, demo_icbhi, tmp_path, workers):
+    """Recordings decoded by threads ahead of the model: the same rows in the same order, a bad file still
+    failed where it stood, as without read-ahead (`--read-workers 0`)."""
+    files = sorted(demo_icbhi.rglob("*.wav"))[:5]
+    bad = tmp_path / "garbage.wav"
+    bad.write_bytes(b"not audio at all" * 10)
+    inputs = [*files[:2], bad, *files[2:]]
+    one = predict(finished_run, inputs, tmp_path / "one", read_workers=1, progress=False)
+    other = predict(finished_run, inputs, tmp_path / "other", read_workers=workers, progress=False)
+    pd.testing.assert_frame_equal(one.segments, other.segments)
+    assert one.failed == other.failed and [Path(p).name for p, _ in other.failed] == ["garbage.wav"]
+    assert json.loads((tmp_path / "other" / "summary.json").read_text())["read_workers"] == workers
+    with pytest.raises(ConfigError, match="--read-workers must be >= 0"):
+        predict(finished_run, inputs, tmp_path / "neg", read_workers=-1, progress=False)
 
 
 def test_a_pretraining_checkpoint_or_a_broken_classifier_is_one_line(finished_run, tiny_ckpt, tmp_path):

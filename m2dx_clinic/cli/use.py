@@ -50,6 +50,7 @@ def predict_cmd(
     batch_size: int = typer.Option(32, "--batch-size", help="Segments per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present) | cpu | cuda | cuda:N"),
     amp: str = typer.Option("off", "--amp", help="off (fp32) | auto | bf16: mixed precision (GPUs; CPUs with bf16 units)."),
+    read_workers: Optional[int] = typer.Option(None, "--read-workers", help="Threads decoding the next recordings while the model runs (default: up to 8 on a GPU, none on a CPU, where the model needs the cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary and one record per recording as JSON (for scripts)."),
     html: bool = typer.Option(False, "--html", help="Also write the review page OUT/review/index.html (as m2dx review OUT)."),
 ) -> None:
@@ -64,7 +65,8 @@ def predict_cmd(
     if ensemble and repeat is not None:
         raise ConfigError("--ensemble averages every repeat and --repeat picks one; pass only one of them")
     result = predict(model, inputs, out, segments=segments, window_seconds=window_seconds, hop_seconds=hop_seconds,
-                     repeat=repeat, candidate=candidate, batch_size=batch_size, device=device, amp=amp, progress=not as_json)
+                     repeat=repeat, candidate=candidate, batch_size=batch_size, device=device, amp=amp,
+                     read_workers=read_workers, progress=not as_json)
     s = result.summary
     if as_json:
         print(json.dumps({"summary": s, "recordings": result.recordings.to_dict(orient="records")}, indent=2,
