@@ -63,10 +63,7 @@ def predict(
     _check_options(segments, batch_size, amp, read_workers)
     models = load_model_set(model, repeat=repeat, candidate=candidate)
     window, hop = _window_and_hop(models.first, window_seconds, hop_seconds)
-    dev = pick_device(device)
-    amp_dtype = pick_amp(amp, dev) if amp != "off" else None
-    use_fast_cpu_kernels([member.model for member in models.members], dev, amp_dtype)
-    keep_freed_cpu_memory(dev)
+    dev, amp_dtype = _prepare_device(models, device, amp)
     recordings, failed = collect_inputs(inputs)
     table = PredictionTable(models)
     read = functools.partial(read_recording, head=models.first, mode=segments, window=window, hop=hop)
@@ -97,9 +94,7 @@ def predict(
         classify_waiting()
     elapsed = time.perf_counter() - t0
     if progress:
-        console.print(ood.describe(models.first.meta.get("audio_profile")))
-        for path, why in table.flagged:
-            console.print(f"[yellow]unlike the training audio:[/] {path}: {', '.join(why)}")
+        _say_flagged(models, table)
     run = {"segments_mode": segments, "window_seconds": window, "hop_seconds": hop, "device": str(dev),
            "amp": amp_dtype, "read_workers": workers}
     return write_outputs(Path(out_dir), table, failed, run=run, seconds=elapsed)
@@ -122,6 +117,21 @@ def classify(models: ModelSet, reads: Sequence[ReadRecording], *, device: torch.
         out.append(ClassifiedRecording(read.path, read.source, read.duration, read.items, part,
                                        int((~read.keep).sum()), flags))
     return out
+
+
+def _prepare_device(models: ModelSet, device: str, amp: str) -> tuple[torch.device, torch.dtype | None]:
+    """The device and autocast dtype, with the CPU kernels and allocator set for inference there."""
+    dev = pick_device(device)
+    amp_dtype = pick_amp(amp, dev) if amp != "off" else None
+    use_fast_cpu_kernels([member.model for member in models.members], dev, amp_dtype)
+    keep_freed_cpu_memory(dev)
+    return dev, amp_dtype
+
+
+def _say_flagged(models: ModelSet, table: PredictionTable) -> None:
+    console.print(ood.describe(models.first.meta.get("audio_profile")))
+    for path, why in table.flagged:
+        console.print(f"[yellow]unlike the training audio:[/] {path}: {', '.join(why)}")
 
 
 def _check_options(segments: str, batch_size: int, amp: str, read_workers: int | None) -> None:
