@@ -33,7 +33,7 @@ from ._version import __version__
 from .checkpoint.classifier import COMPARISON_FILE
 from .data.tasks import load_task
 from .errors import ConfigError
-from .evaluation.calibration import apply_temperature
+from .evaluation.calibration import apply_temperature, shipped_report
 from .evaluation.clinical import clinical_report
 from .fileio import atomic_link_or_copy, atomic_write_csv, atomic_write_json, to_jsonable
 from .finetune import finetune
@@ -96,7 +96,7 @@ def _calibration_summary(blocks: dict[str, Any]) -> dict[str, Any]:
     when it has one), from its own metrics.json (`evaluation.calibration`)."""
     out = {}
     for split, block in blocks.items():
-        shipped = block.get("after_scaling") or block.get("uncalibrated") or {}
+        shipped = shipped_report(block)
         out[split] = {"ece": shipped.get("ece"), "brier": shipped.get("brier"), "bins": shipped.get("bins"),
                       "scaled": "after_scaling" in block}
     return out

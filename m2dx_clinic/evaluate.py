@@ -33,7 +33,7 @@ from .data.segment_cache import prepare_segments, readable_rows
 from .data.tasks import load_task
 from .errors import ConfigError, DataError
 from .evaluation.baseline import chance_references
-from .evaluation.calibration import apply_temperature, calibration_block
+from .evaluation.calibration import apply_temperature, calibration_block, shipped_report
 from .evaluation.checks import operating_point_warnings
 from .evaluation.clinical import choose_operating_point, clinical_report, p_abnormal
 from .evaluation.plots import plot_calibration, plot_confusion, plot_roc_pr
@@ -266,7 +266,7 @@ def _write(out_dir: Path, result: dict[str, Any], classes: list[str], normal: in
     plot_roc_pr([{"label": "classifier", "truth": truth, "score": p_abnormal(probs, normal)}], out_dir / "roc_pr.png",
                 title=f"{metrics['split']} of this data", operating_point=metrics["operating_point"])
     calib = metrics["calibration"]
-    shown = calib.get("after_scaling") or calib["uncalibrated"]
+    shown = shipped_report(calib)
     plot_calibration(calib, out_dir / "reliability.png", title="this data")
     atomic_write_json(out_dir / "metrics.json", to_jsonable(metrics), end="")
     write_evaluation_card(out_dir, metrics)

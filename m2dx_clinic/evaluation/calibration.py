@@ -105,3 +105,9 @@ def calibration_block(raw: np.ndarray, labels: Sequence[int], normal: int, tempe
         return {"uncalibrated": calibration_report(raw, labels, normal)}
     return {"temperature": float(temperature), "before_scaling": calibration_report(raw, labels, normal),
             "after_scaling": calibration_report(apply_temperature(raw, temperature), labels, normal)}
+
+
+def shipped_report(block: dict[str, Any]) -> dict[str, Any]:
+    """Of a `calibration_block`, the report of the probabilities the classifier ships: after its temperature when
+    one was fitted, else the unscaled ones ({} for an empty block)."""
+    return block.get("after_scaling") or block.get("uncalibrated") or {}
